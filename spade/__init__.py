@@ -1,0 +1,9 @@
+"""SPADE: Spatial-Aware Denoising Network for open-vocabulary panoptic scene graph generation.
+
+Importing ``spade`` registers its datasets, backbone, meta-architecture and heads with detectron2.
+"""
+from .config import add_spade_config
+
+__version__ = "0.1.0"
+
+__all__ = ["add_spade_config", "__version__"]
