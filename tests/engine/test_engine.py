@@ -1,0 +1,146 @@
+"""Checkpointer, optimizer builder and the non-finite loss guard on a toy model."""
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from torch import nn
+
+from spade.config import add_spade_config
+from spade.engine import (
+    GuardedTrainer,
+    NonFiniteLossError,
+    SafetensorsCheckpointer,
+    build_spade_optimizer,
+    trainable_state_dict,
+)
+
+
+class FrozenPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pretrained = nn.Linear(3, 3)
+        self.proj = nn.Linear(3, 2)
+        self.pretrained.requires_grad_(False)
+
+    def frozen_state_prefixes(self):
+        return ["pretrained."]
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = FrozenPart()
+        self.head = nn.Linear(2, 1)
+        self.norm = nn.LayerNorm(2)
+        self.query = nn.Embedding(4, 2)
+        self.background_embed = nn.Parameter(torch.zeros(1, 2))
+
+    def forward(self, batch):
+        x = torch.stack([b["x"] for b in batch])
+        y = self.head(self.norm(self.backbone.proj(self.backbone.pretrained(x))))
+        return {"loss_a": y.pow(2).mean() * batch[0]["scale"], "loss_b": (self.query.weight.sum() + self.background_embed.sum()) * 0}
+
+
+def _cfg():
+    cfg = get_cfg()
+    add_spade_config(cfg)
+    cfg.SOLVER.BASE_LR = 1e-2
+    cfg.SOLVER.WEIGHT_DECAY = 0.05
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    return cfg
+
+
+def test_checkpoint_roundtrip_safetensors_without_frozen_parts(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ck = SafetensorsCheckpointer(model, str(tmp_path), optimizer=opt)
+    ck.save("model_0000009", iteration=9)
+    files = sorted(os.listdir(tmp_path))
+    assert files == ["last_checkpoint", "model_0000009.safetensors", "model_0000009.state.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.safetensors"
+    saved = trainable_state_dict(model)
+    assert not any(k.startswith("backbone.pretrained.") for k in saved)
+    assert "backbone.proj.weight" in saved
+
+    torch.manual_seed(1)
+    other = Toy()
+    other.backbone.pretrained.load_state_dict(model.backbone.pretrained.state_dict())
+    ck2 = SafetensorsCheckpointer(other, str(tmp_path), optimizer=torch.optim.AdamW(
+        [p for p in other.parameters() if p.requires_grad], lr=0.1))
+    assert ck2.has_checkpoint()
+    extra = ck2.resume_or_load("", resume=True)
+    assert extra["iteration"] == 9
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, other.state_dict()[k]), k
+
+
+def test_checkpoint_refuses_pickles_and_reports_corruption(tmp_path):
+    model = Toy()
+    ck = SafetensorsCheckpointer(model, str(tmp_path))
+    pkl = tmp_path / "weights.pkl"
+    pkl.write_bytes(b"\x80\x04N.")
+    with pytest.raises(ValueError, match="pickled files are never loaded"):
+        ck.load(str(pkl))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        ck.load(str(bad))
+
+
+def test_optimizer_groups_skip_frozen_and_apply_multipliers():
+    cfg = _cfg()
+    model = Toy()
+    opt = build_spade_optimizer(cfg, model)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert "backbone.pretrained.weight" not in groups  # frozen: left out
+    assert groups["backbone.proj.weight"]["lr"] == pytest.approx(1e-3)  # backbone multiplier
+    assert groups["head.weight"]["lr"] == pytest.approx(1e-2)
+    assert groups["head.weight"]["weight_decay"] == pytest.approx(0.05)
+    assert groups["norm.weight"]["weight_decay"] == 0.0
+    assert groups["query.weight"]["weight_decay"] == 0.0
+    assert groups["background_embed"]["weight_decay"] == 0.0
+    assert type(opt).__name__ == "AdamWWithFullModelGradientClipping"
+
+
+def test_full_model_gradient_clipping_bounds_the_global_norm():
+    cfg = _cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    p = nn.Parameter(torch.zeros(4))
+    model = nn.Module()
+    model.p = p
+    opt = build_spade_optimizer(cfg, model)
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])  # norm 5
+    opt.step()
+    assert p.grad.norm().item() == pytest.approx(0.5, rel=1e-4)
+
+
+def _loader(scale):
+    while True:
+        yield [{"x": torch.ones(3), "scale": scale}]
+
+
+def test_nonfinite_loss_raises_naming_iteration_and_term():
+    model = Toy()
+    opt = build_spade_optimizer(_cfg(), model)
+    trainer = GuardedTrainer(model, _loader(float("nan")), opt)
+    trainer.iter = 7
+    with pytest.raises(NonFiniteLossError, match=r"iteration 7: loss_a=nan"):
+        trainer.run_step()
+
+
+def test_nonfinite_loss_skip_policy_leaves_weights_untouched():
+    model = Toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = build_spade_optimizer(_cfg(), model)
+    trainer = GuardedTrainer(model, _loader(float("inf")), opt, nonfinite_policy="skip")
+    trainer.iter = 0
+    trainer.run_step()
+    assert trainer.skipped_steps == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
