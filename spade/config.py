@@ -12,6 +12,7 @@ def add_spade_config(cfg: CN) -> None:
     _add_model_config(cfg)
     _add_calibration_config(cfg)
     _add_solver_config(cfg)
+    _add_evaluation_config(cfg)
 
 
 def _add_data_config(cfg: CN) -> None:
@@ -52,6 +53,8 @@ def _add_model_config(cfg: CN) -> None:
     s.DIFFUSION.OUT_CHANNELS = 256  # channels of every projected output feature
     s.DIFFUSION.TRAIN_BACKBONE_PROJ = True  # the light projection convs train in stage 2
     s.DIFFUSION.CALIBRATED_WEIGHTS = ""  # stage-1 output (LoRA + adapter safetensors) to load
+    s.DIFFUSION.TRAIN_LORA = False  # stage 2 also trains LoRA (grad through the UNet pass)
+    s.DIFFUSION.TRAIN_ADAPTER = False  # stage 2 also trains the implicit-text MLP adapter
     # TINY preset shapes
     s.DIFFUSION.TINY = CN()
     s.DIFFUSION.TINY.BLOCK_OUT_CHANNELS = [32, 64, 64, 64]  # UNet channels per resolution
@@ -78,6 +81,7 @@ def _add_model_config(cfg: CN) -> None:
     s.IMPLICIT_TEXT = CN()
     s.IMPLICIT_TEXT.NUM_TOKENS = 8  # K: tokens produced for the UNet's cross-attention
     s.IMPLICIT_TEXT.HIDDEN_DIM = 256  # hidden size of the MLP adapter
+    s.IMPLICIT_TEXT.SEED = 0  # seed of the adapter's random init
 
     # ------------------------------------------------------------ LoRA on cross-attention
     s.LORA = CN()
@@ -87,6 +91,7 @@ def _add_model_config(cfg: CN) -> None:
     s.LORA.TARGET_MODULES = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
     s.LORA.INIT_WEIGHTS = True  # peft's init (B = 0); False gives a non-zero random init (tests)
     s.LORA.MERGE_FOR_INFERENCE = False  # merge LoRA into the UNet weights at inference
+    s.LORA.SEED = 0  # seed of the random LoRA init when INIT_WEIGHTS is False
 
     # ------------------------------------------------------------ open vocabulary
     s.OPEN_VOCAB = CN()
@@ -167,6 +172,11 @@ def _add_model_config(cfg: CN) -> None:
     s.RELATION.MASK_WEIGHT = 1.0  # lambda_mask (scales the panoptic losses)
     s.RELATION.NO_RELATION_WEIGHT = 0.1  # cross-entropy weight of the no-relation class
     s.RELATION.MAX_RELATIONS = 100  # ranked triplets per image at inference
+    s.RELATION.DIM_FEEDFORWARD = 1024  # MLP width of RGT_g layers and of the pair MLP
+    s.RELATION.POOL_FEATURE = "mask_features"  # map in `features` pooled under the joint mask
+    s.RELATION.TEXT_DIM = 0  # D of predicate text embeddings; 0 = the CLIP model's embed dim
+    s.RELATION.NUM_PREDICATES = 0  # closed-set predicate classes (no text); 0 = DATASETS.TRAIN[0]'s
+    s.RELATION.CLIP_TEMPERATURE = 100.0  # logit scale of the CLIP joint-mask predicate branch
 
 
 def _add_calibration_config(cfg: CN) -> None:
@@ -188,6 +198,8 @@ def _add_calibration_config(cfg: CN) -> None:
     c.EVAL_PERIOD = 0  # held-out L_cal every N iterations (0 = only at the end)
     c.EVAL_DATASET = ""  # dataset of the held-out L_cal ("" = DATASETS.TEST[0])
     c.NUM_VIS_IMAGES = 2  # images whose teacher/student maps are drawn to PNG
+    c.MAP_NORMALIZATION = "max"  # per-map normalisation of A_i and A_i': "max", "sum" or "none"
+    c.LOG_PERIOD = 20  # iterations between console / metrics.json / TensorBoard writes
 
 
 def _add_solver_config(cfg: CN) -> None:
@@ -195,3 +207,11 @@ def _add_solver_config(cfg: CN) -> None:
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1  # LR multiplier of trainable backbone parts
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # weight decay of embeddings (queries, background)
     cfg.SOLVER.NONFINITE_LOSS = "raise"  # a NaN/inf loss: "raise" (names the term) or "skip"
+
+
+def _add_evaluation_config(cfg: CN) -> None:
+    cfg.TEST.PSG_EVAL = CN()
+    cfg.TEST.PSG_EVAL.PROTOCOL = "both"  # "multi" (benchmark MPO), "single" (fair) or "both"
+    cfg.TEST.PSG_EVAL.IOU_THRESHOLD = 0.5  # subject and object mask (box for VG) IoU to match
+    cfg.TEST.PSG_EVAL.RECALL_KS = [20, 50, 100]  # K of R@K / mR@K
+    cfg.TEST.PSG_EVAL.PANOPTIC = True  # also compute PQ / SQ / RQ (masks only)

@@ -1,1 +1,51 @@
-"""backbone."""
+"""The diffusion UNet backbone: model loading, implicit text encoder, LoRA, feature extractor."""
+
+from .diffusion_backbone import (  # registers "build_diffusion_backbone" in BACKBONE_REGISTRY
+    DiffusionBackbone,
+    build_diffusion_backbone,
+    clip_dense_features,
+)
+from .implicit_text import ImplicitTextAdapter, ImplicitTextEncoder, build_implicit_text_encoder
+from .loading import (
+    ClipParts,
+    DiffusionParts,
+    build_clip,
+    build_diffusion_parts,
+    clip_preprocess,
+    encode_text_tokens,
+    phrase_token_positions,
+    tokenize,
+)
+from .lora import (
+    apply_lora,
+    has_lora,
+    load_trainable_state_dict,
+    lora_disabled,
+    merge_lora,
+    save_trainable_state_dict,
+    trainable_state_dict,
+)
+
+__all__ = [
+    "ClipParts",
+    "DiffusionBackbone",
+    "DiffusionParts",
+    "ImplicitTextAdapter",
+    "ImplicitTextEncoder",
+    "apply_lora",
+    "build_clip",
+    "build_diffusion_backbone",
+    "build_diffusion_parts",
+    "build_implicit_text_encoder",
+    "clip_dense_features",
+    "clip_preprocess",
+    "encode_text_tokens",
+    "has_lora",
+    "load_trainable_state_dict",
+    "lora_disabled",
+    "merge_lora",
+    "phrase_token_positions",
+    "save_trainable_state_dict",
+    "tokenize",
+    "trainable_state_dict",
+]

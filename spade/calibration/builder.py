@@ -1,0 +1,180 @@
+"""Builders of stage 1 from the config: model parts, teacher-map cache, dataset items, loaders.
+
+Dataset items are ``(dataset dict, triplets)`` pairs where ``triplets`` are the first
+CALIBRATION.MAX_TRIPLETS_PER_IMAGE ground-truth (subject, predicate, object) names; images
+without relations are dropped from training (they give the student nothing to match).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.utils import comm
+
+from spade.modeling.backbone import (
+    apply_lora,
+    build_clip,
+    build_diffusion_parts,
+    build_implicit_text_encoder,
+    clip_preprocess,
+    encode_text_tokens,
+    lora_disabled,
+)
+
+from .teacher import TeacherMapCache, TeacherMapGenerator, module_fingerprint, triplet_names
+
+__all__ = [
+    "build_calibration_parts",
+    "build_teacher_cache",
+    "calibration_items",
+    "CalibrationDatasetMapper",
+    "build_calibration_train_loader",
+    "build_calibration_test_loader",
+    "prepare_calibration_datasets",
+]
+
+
+def build_calibration_parts(cfg) -> Dict:
+    """Keyword arguments of :class:`~spade.calibration.model.CalibrationModel` from ``cfg``.
+
+    Builds the frozen VAE / UNet / CLIP (MODEL.SPADE.DIFFUSION, .CLIP), injects LoRA into attn2
+    (MODEL.SPADE.LORA; ENABLED False unfreezes the attn2 projections instead), builds the
+    implicit text encoder and the teacher generator (LoRA disabled while it runs).
+    """
+    c = cfg.CALIBRATION
+    diffusion = build_diffusion_parts(cfg)
+    clip = build_clip(cfg)
+    unet = diffusion.unet
+    apply_lora(unet, cfg.MODEL.SPADE.LORA, seed=int(cfg.SEED) if cfg.SEED >= 0 else 0)
+    implicit = build_implicit_text_encoder(cfg, clip, unet.config.cross_attention_dim)
+    device = torch.device(cfg.MODEL.DEVICE)
+    unet.to(device)
+    diffusion.vae.to(device)
+    clip.model.to(device)
+    implicit.to(device)
+    context_length = int(tokenize_length(clip))
+    teacher = TeacherMapGenerator(
+        unet=unet,
+        vae=diffusion.vae,
+        latent_scale=diffusion.latent_scale,
+        scheduler=diffusion.scheduler,
+        encode_text=functools.partial(encode_text_tokens, clip),
+        encode_ids=clip.tokenizer.encode,
+        context_length=context_length,
+        num_steps=int(c.NUM_INFERENCE_STEPS),
+        inversion=str(c.INVERSION).lower(),
+        sampler=str(c.SAMPLER).lower(),
+        noise=str(c.NOISE).lower(),
+        guidance_scale=float(c.GUIDANCE_SCALE),
+        capture_steps=[int(s) for s in c.CAPTURE_TIMESTEPS],
+        resolution=int(c.MAP_RESOLUTION),
+        normalization=str(c.MAP_NORMALIZATION),
+        template=str(c.PROMPT_TEMPLATE),
+        teacher_mode=functools.partial(lora_disabled, unet),
+    )
+    return {
+        "unet": unet,
+        "vae": diffusion.vae,
+        "implicit_text": implicit,
+        "clip_model": clip.model,
+        "teacher": teacher,
+        "clip_preprocess": functools.partial(clip_preprocess, clip_parts=clip),
+        "student_timestep": int(cfg.MODEL.SPADE.DIFFUSION.TIMESTEP),
+        "lambda_cal": float(c.LAMBDA),
+    }
+
+
+def tokenize_length(clip) -> int:
+    """Context length L of the CLIP tokenizer."""
+    return int(clip.tokenizer(["x"]).shape[-1])
+
+
+def build_teacher_cache(cfg, model) -> TeacherMapCache:
+    """The teacher-map cache of ``model`` (a CalibrationModel) under CALIBRATION.CACHE_DIR.
+
+    The fingerprint covers the teacher's UNet (LoRA excluded), VAE and CLIP text tower weights,
+    so it must be taken before any trained weights are loaded (the full fine-tuning ablation
+    changes the UNet itself)."""
+    cache_dir = cfg.CALIBRATION.CACHE_DIR or os.path.join(cfg.OUTPUT_DIR, "teacher_maps")
+    fingerprint = module_fingerprint(model.unet, model.vae, model.clip_model)
+    return TeacherMapCache(cache_dir, model.teacher, fingerprint, int(cfg.CALIBRATION.IMAGE_SIZE))
+
+
+def calibration_items(cfg, dataset_name: str, drop_empty: bool = True) -> List[Tuple[dict, list]]:
+    """``(dataset dict, triplet names)`` of a registered PSG-style dataset."""
+    meta = MetadataCatalog.get(dataset_name)
+    for key in ("thing_classes", "stuff_classes", "predicate_classes"):
+        if not hasattr(meta, key):
+            raise KeyError(f"dataset {dataset_name!r}: metadata lacks {key!r}")
+    classes = list(meta.thing_classes) + list(meta.stuff_classes)
+    predicates = list(meta.predicate_classes)
+    k = int(cfg.CALIBRATION.MAX_TRIPLETS_PER_IMAGE)
+    items = [(d, triplet_names(d, classes, predicates, k)) for d in DatasetCatalog.get(dataset_name)]
+    return [it for it in items if it[1] or not drop_empty]
+
+
+class CalibrationDatasetMapper:
+    """(dataset dict, triplets) -> model input, reading the teacher maps from the cache only.
+
+    Output: ``{"image": float [3, S, S] in [0, 1], "image_id", "file_name", "triplets",
+    "teacher_maps": [T, 3, R, R]}``. A missing or invalid cache file raises (precompute first).
+    """
+
+    def __init__(self, cache: TeacherMapCache):
+        self.cache = cache
+
+    def __call__(self, item: Tuple[dict, list]) -> dict:
+        record, triplets = item
+        image, maps, _ = self.cache.lookup(record, triplets)
+        if maps is None:
+            raise FileNotFoundError(
+                f"no valid teacher maps for image {record['image_id']} ({record['file_name']}) in "
+                f"{self.cache.cache_dir}; run the teacher precompute first"
+            )
+        return {
+            "image": image,
+            "image_id": record["image_id"],
+            "file_name": record["file_name"],
+            "triplets": list(triplets),
+            "teacher_maps": maps,
+        }
+
+
+def build_calibration_train_loader(cfg, items: Sequence, cache: TeacherMapCache):
+    """Infinite, rank-sharded, shuffled loader of batches (lists) of mapped items."""
+    return build_detection_train_loader(
+        list(items),
+        mapper=CalibrationDatasetMapper(cache),
+        total_batch_size=int(cfg.SOLVER.IMS_PER_BATCH),
+        aspect_ratio_grouping=False,
+        num_workers=int(cfg.DATALOADER.NUM_WORKERS),
+    )
+
+
+def build_calibration_test_loader(cfg, items: Sequence, cache: TeacherMapCache):
+    """Finite loader (batch 1 per rank, each rank a shard) of mapped items."""
+    return build_detection_test_loader(
+        list(items),
+        mapper=CalibrationDatasetMapper(cache),
+        num_workers=int(cfg.DATALOADER.NUM_WORKERS),
+    )
+
+
+def prepare_calibration_datasets(cfg) -> None:
+    """Generate and (re-)register SynthPSG at DATASETS.SYNTHPSG.ROOT when a synthpsg_* dataset
+    is used (the main process generates, the others wait)."""
+    from spade.data.datasets import register_synthpsg
+    from spade.data.synthpsg import ensure_synthpsg
+
+    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + [cfg.CALIBRATION.EVAL_DATASET]
+    if not any(str(n).startswith("synthpsg") for n in names):
+        return
+    s = cfg.DATASETS.SYNTHPSG
+    if comm.is_main_process():
+        ensure_synthpsg(s.ROOT, int(s.NUM_IMAGES), int(s.SEED), int(s.IMAGE_SIZE))
+    comm.synchronize()
+    register_synthpsg(s.ROOT)

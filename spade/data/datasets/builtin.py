@@ -1,0 +1,71 @@
+"""Built-in dataset registrations (imported by ``spade.data.datasets``).
+
+* PSG: ``psg_train`` / ``psg_val`` / ``psg_test`` (plus ``psg_{train,val,test}_ov`` when
+  ``SPADE_PSG_OV_SPLIT`` names an open-vocabulary split json) when the annotation file exists,
+  silently skipped otherwise. Paths (environment variables, defaults in brackets):
+  ``SPADE_PSG_JSON`` [$DETECTRON2_DATASETS/psg/psg.json], ``SPADE_PSG_IMAGE_ROOT``
+  [$DETECTRON2_DATASETS/coco], ``SPADE_PSG_SEG_ROOT`` [$DETECTRON2_DATASETS/coco];
+  ``DETECTRON2_DATASETS`` defaults to "datasets". The PSG class lists are the COCO panoptic names
+  and the 56 PSG predicates; loading checks that psg.json agrees.
+* SynthPSG: ``synthpsg_{train,val,test}[_ov]`` at ``SPADE_SYNTHPSG_ROOT`` [datasets/synthpsg],
+  registered whether or not the data exists yet (see ``synthetic.py``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+from .psg import register_psg
+from .synthetic import register_synthpsg
+
+__all__ = ["PSG_PREDICATE_CLASSES", "PSG_CLASSES", "register_all_psg", "register_all_synthpsg"]
+
+PSG_PREDICATE_CLASSES = [
+    "over", "in front of", "beside", "on", "in", "attached to", "hanging from", "on back of",
+    "falling off", "going down", "painted on", "walking on", "running on", "crossing",
+    "standing on", "lying on", "sitting on", "flying over", "jumping over", "jumping from",
+    "wearing", "holding", "carrying", "looking at", "guiding", "kissing", "eating", "drinking",
+    "feeding", "biting", "catching", "picking", "playing with", "chasing", "climbing", "cleaning",
+    "playing", "touching", "pushing", "pulling", "opening", "cooking", "talking to", "throwing",
+    "slicing", "driving", "riding", "parked on", "driving on", "about to hit", "kicking",
+    "swinging", "entering", "exiting", "enclosing", "leaning on",
+]  # fmt: skip
+PSG_CLASSES = {
+    "thing_classes": [c["name"] for c in COCO_CATEGORIES if c["isthing"]],
+    "stuff_classes": [c["name"] for c in COCO_CATEGORIES if not c["isthing"]],
+    "predicate_classes": PSG_PREDICATE_CLASSES,
+}
+
+
+def register_all_psg(datasets_root: str = "") -> None:
+    """Register psg_train / psg_val / psg_test when the PSG annotation file exists."""
+    root = datasets_root or os.environ.get("DETECTRON2_DATASETS", "datasets")
+    json_file = os.environ.get("SPADE_PSG_JSON", os.path.join(root, "psg", "psg.json"))
+    image_root = os.environ.get("SPADE_PSG_IMAGE_ROOT", os.path.join(root, "coco"))
+    seg_root = os.environ.get("SPADE_PSG_SEG_ROOT", os.path.join(root, "coco"))
+    if not os.path.isfile(json_file):
+        return
+    ov_file = os.environ.get("SPADE_PSG_OV_SPLIT", "")
+    splits = [
+        (f"psg_{s}{sfx}", s, ov)
+        for sfx, ov in [("", None), ("_ov", ov_file or None)]
+        for s in ("train", "val", "test")
+        if not sfx or ov_file
+    ]
+    for name, split, ov in splits:
+        if name not in DatasetCatalog.list():
+            register_psg(
+                name, json_file, image_root, seg_root, split, ov_split=ov, classes=PSG_CLASSES
+            )
+
+
+def register_all_synthpsg() -> None:
+    """Register the SynthPSG splits at $SPADE_SYNTHPSG_ROOT (default datasets/synthpsg)."""
+    register_synthpsg(os.environ.get("SPADE_SYNTHPSG_ROOT", os.path.join("datasets", "synthpsg")))
+
+
+register_all_psg()
+register_all_synthpsg()

@@ -1,0 +1,68 @@
+"""Class / predicate vocabularies of a SPADE model, read from dataset metadata or given by name."""
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
+
+from detectron2.data import MetadataCatalog
+
+__all__ = ["Vocabulary", "vocabulary_from_metadata"]
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Object classes (things first is not required), their thing flags, predicates and novel flags.
+
+    ``class_names``: K names; ``is_thing``: K bools; ``predicate_names``: P names;
+    ``novel_classes``: K bools, True for classes unseen in training (weight ``beta`` in fusion).
+    """
+
+    class_names: Tuple[str, ...]
+    is_thing: Tuple[bool, ...]
+    predicate_names: Tuple[str, ...] = ()
+    novel_classes: Tuple[bool, ...] = field(default=())
+
+    def __post_init__(self):
+        if len(self.class_names) == 0:
+            raise ValueError("Vocabulary: no class names")
+        if len(self.is_thing) != len(self.class_names):
+            raise ValueError(
+                f"Vocabulary: {len(self.is_thing)} thing flags for {len(self.class_names)} classes"
+            )
+        if self.novel_classes and len(self.novel_classes) != len(self.class_names):
+            raise ValueError(
+                f"Vocabulary: {len(self.novel_classes)} novel flags for {len(self.class_names)} classes"
+            )
+        if not self.novel_classes:
+            object.__setattr__(self, "novel_classes", (False,) * len(self.class_names))
+
+
+def vocabulary_from_metadata(
+    dataset_name: str,
+    class_names: Optional[Sequence[str]] = None,
+    predicate_names: Optional[Sequence[str]] = None,
+    seen_class_names: Optional[Sequence[str]] = None,
+) -> Vocabulary:
+    """Vocabulary of a registered dataset (``thing_classes + stuff_classes``, ``predicate_classes``).
+
+    Non-empty ``class_names`` / ``predicate_names`` override the dataset's; an override's class is a
+    thing unless the dataset lists it among its stuff classes. A class is novel when the dataset's
+    ``ov_split`` names it among ``novel_objects`` or when ``seen_class_names`` is given and lacks it.
+    """
+    meta = MetadataCatalog.get(dataset_name)
+    things = list(meta.get("thing_classes", []) or [])
+    stuff = list(meta.get("stuff_classes", []) or [])
+    if not class_names and not things and not stuff:
+        raise ValueError(
+            f"dataset {dataset_name!r}: metadata has no thing_classes / stuff_classes (is the dataset "
+            "registered?) and no class names were given"
+        )
+    names = list(class_names) if class_names else things + stuff
+    if class_names:
+        stuff_set = set(stuff)
+        flags = [n not in stuff_set for n in names]
+    else:
+        flags = [True] * len(things) + [False] * len(stuff)
+    predicates = list(predicate_names) if predicate_names else list(meta.get("predicate_classes", []) or [])
+    novel = set((meta.get("ov_split", None) or {}).get("novel_objects", []))
+    seen = set(seen_class_names) if seen_class_names is not None else None
+    novel_flags = [n in novel or (seen is not None and n not in seen) for n in names]
+    return Vocabulary(tuple(names), tuple(flags), tuple(predicates), tuple(novel_flags))

@@ -1,0 +1,278 @@
+"""Open-vocabulary classification with CLIP: text embeddings, cosine classifier, mask pooling, fusion.
+
+Shape shorthand: B batch, Q object queries, M relation pairs, N vocabulary size (classes or
+predicates), D CLIP joint embedding dim, h x w dense CLIP feature map, H x W mask resolution.
+
+Two paths classify each object query (and each relation pair) over a vocabulary of names:
+* the *diffusion* path: query embeddings -> :class:`CosineClassifier` against CLIP text embeddings;
+* the *CLIP* path: dense CLIP image features pooled under the query's mask (:func:`mask_pool`) or
+  under the union of subject and object masks (:func:`joint_mask_pool`), compared with the same
+  text embeddings.
+They are fused by :func:`geometric_fusion`, P = P_diff^alpha * P_clip^(1 - alpha) (beta replacing
+alpha for novel classes). The vocabulary is just a list of names, so it can be replaced at
+inference (OPEN_VOCAB.CLASS_NAMES / PREDICATE_NAMES) without retraining.
+"""
+
+from collections import OrderedDict
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone.loading import ClipParts, tokenize
+
+__all__ = [
+    "TextEmbeddingBank",
+    "CosineClassifier",
+    "build_text_banks",
+    "vocabulary_names",
+    "prompt_name",
+    "novel_class_mask",
+    "mask_pool",
+    "joint_mask_pool",
+    "geometric_fusion",
+]
+
+_MAX_LOGIT_SCALE = 4.6052  # log(100), CLIP's clamp of the learned temperature
+
+
+def prompt_name(name: str) -> str:
+    """A dataset class name as words: "wall-other-merged" -> "wall", "dining_table" -> "dining table"."""
+    words = name.replace("_", " ").split("-")
+    words = [w for w in words if w not in ("merged", "other", "stuff")] or words
+    return " ".join(" ".join(words).split())
+
+
+class TextEmbeddingBank:
+    """Template-ensembled CLIP text embeddings of a vocabulary, cached per tuple of names.
+
+    ``get(names)`` returns [N, D] L2-normalised embeddings: each name is put into every template,
+    encoded by CLIP's text tower, normalised, averaged over templates and normalised again. Results
+    are cached per exact tuple of names (an LRU of ``max_entries`` vocabularies); asking for another
+    vocabulary computes it, and the least recently used one is dropped when the cache is full.
+    ``hits`` / ``misses`` count cache behaviour. Runs without grad; CLIP is frozen.
+    """
+
+    def __init__(
+        self,
+        clip_parts: ClipParts,
+        templates: Sequence[str],
+        max_entries: int = 4,
+        batch_size: int = 256,
+    ):
+        if not templates:
+            raise ValueError("TextEmbeddingBank needs at least one prompt template")
+        for t in templates:
+            if t.count("{}") != 1:
+                raise ValueError(f"prompt template {t!r} must contain exactly one '{{}}'")
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.clip = clip_parts
+        self.templates = list(templates)
+        self.max_entries = int(max_entries)
+        self.batch_size = int(batch_size)
+        self._cache: "OrderedDict[Tuple[str, ...], torch.Tensor]" = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, names: Sequence[str]) -> torch.Tensor:
+        """names (N) -> [N, D] L2-normalised, template-ensembled embeddings (cached)."""
+        if isinstance(names, str):
+            raise TypeError("TextEmbeddingBank.get expects a list of names, got a single str")
+        key = tuple(str(n) for n in names)
+        if not key:
+            raise ValueError("TextEmbeddingBank.get: the vocabulary is empty")
+        if key in self._cache:
+            self.hits += 1
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        self.misses += 1
+        embeddings = self._encode(key)
+        self._cache[key] = embeddings
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return embeddings
+
+    def clear(self) -> None:
+        """Drop every cached vocabulary."""
+        self._cache.clear()
+
+    def _encode(self, names: Tuple[str, ...]) -> torch.Tensor:
+        prompts = [t.format(prompt_name(n)) for n in names for t in self.templates]
+        model = self.clip.model
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), self.batch_size):
+                tokens = tokenize(self.clip, prompts[start : start + self.batch_size])
+                chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
+        per_template = torch.cat(chunks).view(len(names), len(self.templates), -1)
+        return F.normalize(per_template.mean(dim=1), dim=-1)
+
+
+def build_text_banks(cfg, clip_parts: ClipParts) -> Tuple[TextEmbeddingBank, TextEmbeddingBank]:
+    """(class bank, predicate bank) with OPEN_VOCAB.TEMPLATES / PREDICATE_TEMPLATES."""
+    ov = cfg.MODEL.SPADE.OPEN_VOCAB
+    return (
+        TextEmbeddingBank(clip_parts, list(ov.TEMPLATES)),
+        TextEmbeddingBank(clip_parts, list(ov.PREDICATE_TEMPLATES)),
+    )
+
+
+def vocabulary_names(cfg, metadata) -> Tuple[List[str], List[str]]:
+    """(class names, predicate names): the OPEN_VOCAB overrides when set, else the dataset's."""
+    ov = cfg.MODEL.SPADE.OPEN_VOCAB
+    classes = list(ov.CLASS_NAMES) or (
+        list(metadata.get("thing_classes", [])) + list(metadata.get("stuff_classes", []))
+    )
+    predicates = list(ov.PREDICATE_NAMES) or list(metadata.get("predicate_classes", []))
+    return classes, predicates
+
+
+def novel_class_mask(names: Sequence[str], novel_names: Sequence[str]) -> torch.Tensor:
+    """bool [N]: True where ``names[i]`` is in ``novel_names`` (e.g. metadata ov_split)."""
+    novel = set(novel_names)
+    return torch.tensor([n in novel for n in names], dtype=torch.bool)
+
+
+class CosineClassifier(nn.Module):
+    """Cosine-similarity classifier against text embeddings, with a learned background embedding.
+
+    logits = exp(logit_scale) * cos(x, [text; background]); ``logit_scale`` is learnable
+    (initialised to ``logit_scale_init``, clamped at log 100 as in CLIP).
+    """
+
+    def __init__(self, dim: int, logit_scale_init: float = 2.659):
+        super().__init__()
+        if dim <= 0:
+            raise ValueError(f"CosineClassifier: dim must be positive, got {dim}")
+        self.dim = int(dim)
+        self.background = nn.Parameter(torch.randn(self.dim) * self.dim**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """x [..., D], text [N, D] -> logits [..., N + 1] (last column = background / no relation)."""
+        if x.shape[-1] != self.dim or text.dim() != 2 or text.shape[1] != self.dim:
+            raise ValueError(
+                f"CosineClassifier(dim={self.dim}): got x {tuple(x.shape)}, text {tuple(text.shape)}"
+            )
+        weights = torch.cat([text.to(x.dtype), self.background.to(x.dtype)[None]], dim=0)
+        cosine = F.normalize(x, dim=-1) @ F.normalize(weights, dim=-1).t()
+        return self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp() * cosine
+
+
+def mask_pool(
+    features: torch.Tensor, masks: torch.Tensor, threshold: Optional[float] = None
+) -> torch.Tensor:
+    """Average dense features under each mask.
+
+    Args:
+        features: [B, D, h, w] dense (CLIP) features.
+        masks: [B, Q, H, W] soft masks in [0, 1] (or bool); resized bilinearly to h x w.
+        threshold: if given, the resized masks are binarised with ``> threshold``.
+    Returns:
+        [B, Q, D]: sum(f * m) / sum(m); a mask with no weight on the map pools to zeros.
+    """
+    if features.dim() != 4 or masks.dim() != 4 or features.shape[0] != masks.shape[0]:
+        raise ValueError(
+            f"mask_pool expects features [B, D, h, w] and masks [B, Q, H, W], "
+            f"got {tuple(features.shape)} and {tuple(masks.shape)}"
+        )
+    weights = _resize_masks(masks, features.shape[-2:], features.dtype)
+    if threshold is not None:
+        weights = (weights > threshold).to(features.dtype)
+    total = torch.einsum("bqhw,bdhw->bqd", weights, features)
+    area = weights.sum(dim=(-2, -1)).unsqueeze(-1)
+    return total / area.clamp(min=1e-6)
+
+
+def joint_mask_pool(
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    pairs: torch.Tensor,
+    threshold: Optional[float] = None,
+) -> torch.Tensor:
+    """Average dense features under the union of each pair's subject and object masks.
+
+    Args:
+        features: [B, D, h, w]; masks: [B, Q, H, W] in [0, 1];
+        pairs: long [B, M, 2] (subject query, object query) indices into Q.
+        threshold: as in :func:`mask_pool`.
+    Returns:
+        [B, M, D]. The union is max(m_subject, m_object), taken after resizing to h x w.
+    """
+    if pairs.dim() != 3 or pairs.shape[-1] != 2 or pairs.shape[0] != masks.shape[0]:
+        raise ValueError(f"joint_mask_pool expects pairs [B, M, 2], got {tuple(pairs.shape)}")
+    q = masks.shape[1]
+    if pairs.numel() and (int(pairs.min()) < 0 or int(pairs.max()) >= q):
+        raise ValueError(f"joint_mask_pool: pair indices outside [0, {q})")
+    small = _resize_masks(masks, features.shape[-2:], features.dtype)  # [B, Q, h, w]
+    index = pairs.long()[..., None, None].expand(-1, -1, -1, *small.shape[-2:])  # [B, M, 2, h, w]
+    gathered = torch.gather(small[:, None].expand(-1, pairs.shape[1], -1, -1, -1), 2, index)
+    union = gathered.max(dim=2).values  # [B, M, h, w]
+    return mask_pool(features, union, threshold)
+
+
+def geometric_fusion(
+    p_diff: torch.Tensor,
+    p_clip: torch.Tensor,
+    alpha: float,
+    beta: float,
+    novel_mask: Optional[torch.Tensor] = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Geometric-mean fusion of the diffusion-path and CLIP-path class probabilities.
+
+    For class i: f_i = p_diff_i^w_i * p_clip_i^(1 - w_i), w_i = beta if novel_mask[i] else alpha.
+
+    Args:
+        p_diff: [..., N + 1] probabilities of the diffusion path, last column = background
+            (no object / no relation); or [..., N] without a background column.
+        p_clip: [..., N] CLIP-path probabilities over the N classes (CLIP knows no background).
+        alpha, beta: weights of the diffusion path for base / novel classes.
+        novel_mask: bool [N] (None = every class is base).
+        normalize: as FC-CLIP / ODISE apply it, the fused class scores are renormalised to sum to
+            1 - p_background (the diffusion path's background probability, kept as is), so the
+            output is again a distribution. False returns the raw products (background unchanged).
+    Returns:
+        fused probabilities with the shape of ``p_diff``.
+    """
+    n = p_clip.shape[-1]
+    if p_diff.shape[-1] == n + 1:
+        classes, background = p_diff[..., :-1], p_diff[..., -1:]
+    elif p_diff.shape[-1] == n:
+        classes, background = p_diff, None
+    else:
+        raise ValueError(
+            f"geometric_fusion: p_diff {tuple(p_diff.shape)} must have N or N + 1 columns for "
+            f"p_clip {tuple(p_clip.shape)} with N = {n}"
+        )
+    weight = torch.full((n,), float(alpha), dtype=classes.dtype, device=classes.device)
+    if novel_mask is not None:
+        if tuple(novel_mask.shape) != (n,):
+            raise ValueError(
+                f"geometric_fusion: novel_mask must be [{n}], got {tuple(novel_mask.shape)}"
+            )
+        weight = torch.where(
+            novel_mask.to(weight.device), torch.full_like(weight, float(beta)), weight
+        )
+    eps = torch.finfo(classes.dtype).tiny
+    log_diff = classes.clamp(min=eps).log()
+    log_clip = p_clip.to(classes.dtype).clamp(min=eps).log()
+    log_fused = weight * log_diff + (1 - weight) * log_clip
+    if not normalize:
+        fused = log_fused.exp()
+        return fused if background is None else torch.cat([fused, background], dim=-1)
+    fused = log_fused.softmax(dim=-1)
+    if background is None:
+        return fused
+    return torch.cat([fused * (1 - background), background], dim=-1)
+
+
+def _resize_masks(masks: torch.Tensor, size, dtype: torch.dtype) -> torch.Tensor:
+    masks = masks.to(dtype)
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    if masks.numel() == 0:  # no queries / pairs: interpolate rejects empty tensors
+        return masks.new_zeros(*masks.shape[:-2], *size)
+    return F.interpolate(masks, size=tuple(size), mode="bilinear", align_corners=False)

@@ -1,0 +1,165 @@
+"""Drawing a scene graph over its image: nodes at mask centroids, labelled directed edges.
+
+Nodes are the segments, coloured like their masks and placed at their mask centroids (pushed
+apart by a fixed number of deterministic relaxation steps when centroids crowd). Each triplet is
+an arrow subject -> object labelled with its predicate; several triplets of one pair of segments
+curve apart. Rendering is matplotlib Agg only (no graphviz) and deterministic.
+"""
+
+from collections import defaultdict
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from .canvas import FONT, check_image, display_scale, hex_color, render, text_color
+from .scene_graph_view import SceneGraphView
+
+__all__ = ["draw_scene_graph", "node_positions"]
+
+
+def node_positions(view: SceneGraphView, scale: float, min_dist: float) -> Dict[int, np.ndarray]:
+    """Node centres (display pixels) at the mask centroids, pushed apart until no two are closer
+    than ``min_dist`` (a fixed number of deterministic relaxation steps)."""
+    ids = [s.id for s in view.segments]
+    pos = np.array([[s.centroid[0] + 0.5, s.centroid[1] + 0.5] for s in view.segments]) * scale
+    pos = pos.reshape(-1, 2)
+    lo, hi = (
+        np.array([min_dist / 2] * 2),
+        np.array([view.width, view.height]) * scale - min_dist / 2,
+    )
+    for _ in range(60):
+        moved = False
+        for i in range(len(pos)):
+            for j in range(i + 1, len(pos)):
+                d = pos[j] - pos[i]
+                dist = float(np.hypot(*d))
+                if dist >= min_dist:
+                    continue
+                moved = True
+                # coincident centres separate along a fixed direction that depends on the pair
+                u = d / dist if dist > 1e-6 else np.array([np.cos(i + 2 * j), np.sin(i + 2 * j)])
+                push = (min_dist - dist) / 2 * u
+                pos[i] -= push
+                pos[j] += push
+        pos = np.clip(pos, lo, np.maximum(lo, hi))
+        if not moved:
+            break
+    return {sid: p for sid, p in zip(ids, pos)}
+
+
+def draw_scene_graph(
+    image: np.ndarray,
+    view: SceneGraphView,
+    *,
+    min_display_side: int = 384,
+    max_display_side: int = 1600,
+    background_alpha: float = 0.25,
+) -> np.ndarray:
+    """The scene graph of ``view`` over a faded copy of ``image``, as uint8 [s*H, s*W, 3].
+
+    Nodes of segments that take part in a shown triplet are opaque, the others faint.
+    """
+    image = check_image(image, view)
+    s = display_scale(view.height, view.width, min_display_side, max_display_side)
+    faded = np.round(255 - background_alpha * (255 - image.astype(np.float64))).astype(np.uint8)
+    canvas = np.repeat(np.repeat(faded, s, 0), s, 1)
+    pos = node_positions(view, s, min_dist=44.0)
+    used = {t.subject_id for t in view.triplets} | {t.object_id for t in view.triplets}
+
+    def draw(ax: Any) -> None:
+        boxes = {}
+        for seg in view.segments:
+            active = seg.id in used
+            boxes[seg.id] = ax.text(
+                *pos[seg.id],
+                seg.label,
+                fontsize=FONT,
+                ha="center",
+                va="center",
+                zorder=3,
+                color=text_color(seg.color),
+                alpha=1.0 if active else 0.45,
+                bbox=dict(
+                    boxstyle="round,pad=0.3",
+                    fc=hex_color(seg.color),
+                    ec="black",
+                    lw=1.0 if active else 0.3,
+                    alpha=1.0 if active else 0.35,
+                ),
+            )
+        _draw_edges(ax, view, pos, boxes)
+        note = None
+        if not view.segments:
+            note = "no segments predicted"
+        elif not view.has_relations:
+            note = "no relations (model without relation head)"
+        elif not view.triplets:
+            note = "no relations above the threshold"
+        if note is not None:
+            ax.text(
+                canvas.shape[1] / 2,
+                canvas.shape[0] / 2,
+                note,
+                fontsize=FONT + 3,
+                zorder=5,
+                ha="center",
+                va="center",
+                bbox=dict(fc="white", ec="gray"),
+            )
+
+    return render(canvas, draw)
+
+
+def _draw_edges(ax: Any, view: SceneGraphView, pos: Dict[int, np.ndarray], boxes: Dict) -> None:
+    """One arrow per triplet; arrows of one unordered pair get distinct curvatures."""
+    groups: Dict[Tuple[int, int], List] = defaultdict(list)
+    for t in view.triplets:
+        groups[(min(t.subject_id, t.object_id), max(t.subject_id, t.object_id))].append(t)
+    for (a, b), edges in groups.items():
+        for j, t in enumerate(edges):
+            if a == b:  # a relation of a segment with itself: a note beside its node
+                x, y = pos[a]
+                ax.text(
+                    x,
+                    y + 16 + 12 * j,
+                    f"\u21bb {t.predicate}",
+                    fontsize=FONT - 2,
+                    ha="center",
+                    va="center",
+                    zorder=4,
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8),
+                )
+                continue
+            rad = 0.0 if len(edges) == 1 else 0.35 * (j - (len(edges) - 1) / 2)
+            if t.subject_id != a:
+                rad = -rad  # arc3 curves relative to the arrow's own direction
+            p0, p1 = pos[t.subject_id], pos[t.object_id]
+            ax.annotate(
+                "",
+                xy=tuple(p1),
+                xytext=tuple(p0),
+                zorder=2,
+                arrowprops=dict(
+                    arrowstyle="-|>",
+                    color="#333333",
+                    lw=1.4,
+                    mutation_scale=14,
+                    connectionstyle=f"arc3,rad={rad}",
+                    patchA=boxes[t.subject_id].get_bbox_patch(),
+                    patchB=boxes[t.object_id].get_bbox_patch(),
+                ),
+            )
+            d0, d1 = ax.transData.transform(p0), ax.transData.transform(p1)
+            dx, dy = d1 - d0
+            mid_display = (d0 + d1) / 2 + 0.5 * rad * np.array([dy, -dx])
+            mx, my = ax.transData.inverted().transform(mid_display)
+            ax.text(
+                mx,
+                my,
+                t.predicate,
+                fontsize=FONT - 2,
+                ha="center",
+                va="center",
+                zorder=4,
+                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="#333333", lw=0.5, alpha=0.9),
+            )

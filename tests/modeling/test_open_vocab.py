@@ -1,0 +1,167 @@
+"""Open vocabulary: text bank cache, cosine classifier, mask pooling, geometric fusion."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spade.modeling.backbone.loading import tokenize
+from spade.modeling.open_vocab import (
+    CosineClassifier,
+    TextEmbeddingBank,
+    build_text_banks,
+    geometric_fusion,
+    joint_mask_pool,
+    mask_pool,
+    novel_class_mask,
+    prompt_name,
+    vocabulary_names,
+)
+
+
+def test_prompt_name():
+    assert prompt_name("wall-other-merged") == "wall"
+    assert prompt_name("dining_table") == "dining table"
+    assert prompt_name("tree-merged") == "tree"
+    assert prompt_name("in front of") == "in front of"
+
+
+def test_text_bank_ensembles_templates_and_caches(tiny_clip):
+    bank = TextEmbeddingBank(tiny_clip, ["a photo of a {}.", "there is a {}."])
+    names = ["circle", "wall-other-merged"]
+    emb = bank.get(names)
+    assert emb.shape == (2, 32) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-6)
+    with torch.no_grad():
+        per = [
+            F.normalize(tiny_clip.model.encode_text(tokenize(tiny_clip, [t.format(n)])), dim=-1)
+            for n in ("circle", "wall")
+            for t in bank.templates
+        ]
+    expected = F.normalize(
+        torch.stack([(per[0] + per[1])[0] / 2, (per[2] + per[3])[0] / 2]), dim=-1
+    )
+    assert torch.allclose(emb, expected, atol=1e-6)
+    assert (bank.hits, bank.misses) == (0, 1)
+    assert bank.get(list(names)) is emb  # same vocabulary: cache hit, same tensor
+    assert (bank.hits, bank.misses) == (1, 1)
+    other = bank.get(["circle", "square", "star"])  # vocabulary changed: recomputed
+    assert other.shape == (3, 32) and (bank.hits, bank.misses) == (1, 2)
+    assert torch.allclose(other[0], emb[0])
+    bank.clear()
+    bank.get(names)
+    assert bank.misses == 3
+
+
+def test_text_bank_lru_eviction_and_bad_input(tiny_clip):
+    bank = TextEmbeddingBank(tiny_clip, ["{}"], max_entries=1)
+    bank.get(["a"])
+    bank.get(["b"])
+    bank.get(["a"])
+    assert (bank.hits, bank.misses) == (0, 3)
+    with pytest.raises(ValueError, match="empty"):
+        bank.get([])
+    with pytest.raises(TypeError):
+        bank.get("circle")
+    with pytest.raises(ValueError, match="exactly one"):
+        TextEmbeddingBank(tiny_clip, ["no placeholder"])
+
+
+def test_cosine_classifier_hand_values_and_vocab_change():
+    clf = CosineClassifier(dim=2, logit_scale_init=math.log(10.0))
+    with torch.no_grad():
+        clf.background.copy_(torch.tensor([0.0, -1.0]))
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+    logits = clf(x, text)
+    s = 1 / math.sqrt(2)
+    expected = 10.0 * torch.tensor([[1.0, 0.0, 0.0], [s, s, -s]])
+    assert torch.allclose(logits, expected, atol=1e-5)
+    bigger = clf(x, torch.cat([text, torch.tensor([[-1.0, 0.0]])]))  # vocabulary replaced
+    assert bigger.shape == (2, 4) and torch.allclose(bigger[:, -1], expected[:, -1])
+    logits.sum().backward()
+    assert clf.logit_scale.grad is not None and clf.background.grad is not None
+    with pytest.raises(ValueError, match="dim=2"):
+        clf(torch.zeros(1, 3), text)
+
+
+def test_cosine_classifier_temperature_is_clamped():
+    clf = CosineClassifier(dim=2, logit_scale_init=10.0)
+    out = clf(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
+    assert out[0, 0].item() == pytest.approx(100.0, rel=1e-4)
+
+
+def test_mask_pool_hand_values_and_empty_masks():
+    features = torch.arange(8.0).view(1, 2, 2, 2)  # channel 0: 0..3, channel 1: 4..7
+    masks = torch.zeros(1, 3, 2, 2)
+    masks[0, 0, 0, 0] = 1.0  # one pixel
+    masks[0, 1] = torch.tensor([[0.0, 1.0], [0.0, 0.5]])  # weighted
+    pooled = mask_pool(features, masks)  # mask 2 is empty
+    assert torch.allclose(pooled[0, 0], torch.tensor([0.0, 4.0]))
+    assert torch.allclose(pooled[0, 1], torch.tensor([(1 + 1.5) / 1.5, (5 + 3.5) / 1.5]))
+    assert torch.equal(pooled[0, 2], torch.zeros(2))
+    # masks at 4x4 are resized to the 2x2 map: a full top half stays the top half
+    big = torch.zeros(1, 1, 4, 4)
+    big[0, 0, :2] = 1.0
+    assert torch.allclose(mask_pool(features, big, threshold=0.5)[0, 0], torch.tensor([0.5, 4.5]))
+    assert mask_pool(features, torch.zeros(1, 0, 4, 4)).shape == (1, 0, 2)  # no queries
+    with pytest.raises(ValueError, match="B, Q, H, W"):
+        mask_pool(features, torch.zeros(3, 2, 2))
+
+
+def test_joint_mask_pool_uses_union():
+    features = torch.arange(8.0).view(1, 2, 2, 2)
+    masks = torch.zeros(1, 3, 2, 2)
+    masks[0, 0, 0, 0] = 1.0
+    masks[0, 1, 1, 1] = 1.0
+    masks[0, 2, 0, 0] = 1.0
+    pairs = torch.tensor([[[0, 1], [0, 2], [1, 1]]])
+    pooled = joint_mask_pool(features, masks, pairs)
+    assert torch.allclose(pooled[0, 0], torch.tensor([1.5, 5.5]))  # pixels 0 and 3
+    assert torch.allclose(pooled[0, 1], torch.tensor([0.0, 4.0]))  # overlapping: pixel 0 once
+    assert torch.allclose(pooled[0, 2], torch.tensor([3.0, 7.0]))
+    assert joint_mask_pool(features, masks, torch.zeros(1, 0, 2, dtype=torch.long)).shape == (
+        1,
+        0,
+        2,
+    )
+    with pytest.raises(ValueError, match="outside"):
+        joint_mask_pool(features, masks, torch.tensor([[[0, 3]]]))
+
+
+def test_geometric_fusion_hand_values():
+    p_diff = torch.tensor([[0.5, 0.2, 0.3]])  # 2 classes + background
+    p_clip = torch.tensor([[0.25, 0.75]])
+    raw = geometric_fusion(p_diff, p_clip, alpha=0.5, beta=0.2, normalize=False)
+    assert torch.allclose(raw, torch.tensor([[math.sqrt(0.125), math.sqrt(0.15), 0.3]]))
+    novel = torch.tensor([False, True])
+    raw = geometric_fusion(p_diff, p_clip, alpha=0.34, beta=0.2, novel_mask=novel, normalize=False)
+    f0, f1 = 0.5**0.34 * 0.25**0.66, 0.2**0.2 * 0.75**0.8
+    assert torch.allclose(raw, torch.tensor([[f0, f1, 0.3]]), atol=1e-6)
+    fused = geometric_fusion(p_diff, p_clip, alpha=0.34, beta=0.2, novel_mask=novel)
+    expected = torch.tensor([[0.7 * f0 / (f0 + f1), 0.7 * f1 / (f0 + f1), 0.3]])
+    assert torch.allclose(fused, expected, atol=1e-6)
+    assert torch.allclose(fused.sum(-1), torch.ones(1))
+    no_bg = geometric_fusion(p_diff[:, :2], p_clip, alpha=1.0, beta=1.0)
+    assert torch.allclose(no_bg, torch.tensor([[5 / 7, 2 / 7]]), atol=1e-6)
+    with pytest.raises(ValueError, match="N or N \\+ 1"):
+        geometric_fusion(torch.rand(1, 5), p_clip, 0.34, 0.34)
+    with pytest.raises(ValueError, match="novel_mask"):
+        geometric_fusion(p_diff, p_clip, 0.34, 0.34, novel_mask=torch.tensor([True]))
+
+
+def test_vocabulary_from_config_and_novel_mask(make_cfg, tiny_clip):
+    cfg = make_cfg()
+    meta = {
+        "thing_classes": ["circle", "square"],
+        "stuff_classes": ["sky"],
+        "predicate_classes": ["left of", "above"],
+    }
+    assert vocabulary_names(cfg, meta) == (["circle", "square", "sky"], ["left of", "above"])
+    cfg.MODEL.SPADE.OPEN_VOCAB.CLASS_NAMES = ["star", "ring"]
+    classes, predicates = vocabulary_names(cfg, meta)
+    assert classes == ["star", "ring"] and predicates == ["left of", "above"]
+    class_bank, predicate_bank = build_text_banks(cfg, tiny_clip)
+    assert predicate_bank.templates == list(cfg.MODEL.SPADE.OPEN_VOCAB.PREDICATE_TEMPLATES)
+    assert class_bank.get(classes).shape == (2, 32)
+    assert novel_class_mask(["a", "b", "c"], ["c", "z"]).tolist() == [False, False, True]
