@@ -8,8 +8,9 @@ reset -> process (per image: read GT PNG, full-resolution IoU, ranks under both 
 encoding for PQ) -> evaluate (aggregation + panopticapi PQ). A second pass under tracemalloc
 gives the peak memory allocated by Python and numpy during evaluation.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_evaluator.py --num-images 1000 --out bench_evaluator.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_evaluator.py --num-images 1000 --out bench.json
 """
+
 import argparse
 import json
 import logging
@@ -34,7 +35,7 @@ from spade.evaluation.psg_evaluation import PSGEvaluator  # noqa: E402
 def fake_output(d, num_classes: int, num_predicates: int, rows: int, rng) -> dict:
     """A model-like output for dataset dict ``d`` (docs/INTERFACES.md format)."""
     seg = read_panoptic_png(d["pan_seg_file_name"])
-    seg[:, :: 9] = 0  # every 9th column becomes void: IoUs drop below 1, most stay >= 0.5
+    seg[:, ::9] = 0  # every 9th column becomes void: IoUs drop below 1, most stay >= 0.5
     segs = []
     for s in d["segments_info"]:
         cat = s["category_id"] if rng.random() > 0.1 else int(rng.integers(num_classes))
@@ -42,8 +43,12 @@ def fake_output(d, num_classes: int, num_predicates: int, rows: int, rng) -> dic
     ids = np.array([s["id"] for s in d["segments_info"]])
     gt = np.array(d["relations"], dtype=np.int64).reshape(-1, 3)
     trip = np.stack(
-        [ids[rng.integers(len(ids), size=rows)], ids[rng.integers(len(ids), size=rows)],
-         rng.integers(num_predicates, size=rows)], axis=1,
+        [
+            ids[rng.integers(len(ids), size=rows)],
+            ids[rng.integers(len(ids), size=rows)],
+            rng.integers(num_predicates, size=rows),
+        ],
+        axis=1,
     )
     if len(gt):
         pos = rng.choice(rows, size=min(len(gt), rows), replace=False)
@@ -55,8 +60,11 @@ def fake_output(d, num_classes: int, num_predicates: int, rows: int, rng) -> dic
     order = torch.argsort(scores, descending=True)
     return {
         "panoptic_seg": (torch.from_numpy(seg.astype(np.int32)), segs),
-        "relations": {"triplets": torch.from_numpy(trip)[order], "scores": scores[order],
-                      "predicate_scores": pscores[order]},
+        "relations": {
+            "triplets": torch.from_numpy(trip)[order],
+            "scores": scores[order],
+            "predicate_scores": pscores[order],
+        },
     }
 
 
@@ -77,7 +85,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--rows", type=int, default=100, help="ranked triplets per image")
     parser.add_argument("--protocol", default="both", choices=["multi", "single", "both"])
-    parser.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "spade_bench_synthpsg"))
+    parser.add_argument(
+        "--root", default=os.path.join(tempfile.gettempdir(), "spade_bench_synthpsg")
+    )
     parser.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     logging.getLogger("spade").setLevel(logging.WARNING)
@@ -94,8 +104,9 @@ def main(argv=None) -> dict:
     )
     num_classes = len(psg["thing_classes"]) + len(psg["stuff_classes"])
     rng = np.random.default_rng(0)
-    outputs = [fake_output(d, num_classes, len(psg["predicate_classes"]), args.rows, rng)
-               for d in dicts]
+    outputs = [
+        fake_output(d, num_classes, len(psg["predicate_classes"]), args.rows, rng) for d in dicts
+    ]
 
     timed = run_once(name, dicts, outputs, args.protocol)
     tracemalloc.start()

@@ -32,7 +32,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.overwrite:
         info = generate_synthpsg(args.out, args.num_images, args.seed, args.size, args.long_tail)
-        print(f"wrote {args.num_images} images to {args.out} in {info['seconds']:.1f} s")
+        print(
+            f"wrote {args.num_images} images to {args.out} in {info['seconds']:.1f} s "
+            f"({info['cpu_seconds']:.1f} s CPU)"
+        )
     else:
         ensure_synthpsg(args.out, args.num_images, args.seed, args.size, args.long_tail)
         print(f"SynthPSG ready in {args.out}")

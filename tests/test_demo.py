@@ -31,6 +31,14 @@ def _load_demo():
 demo = _load_demo()
 
 
+@pytest.fixture(scope="module")
+def synthpsg_opts(tmp_path_factory):
+    """Config options pointing SynthPSG at a small 64 x 64 copy shared by this module's tests."""
+    root = tmp_path_factory.mktemp("synthpsg")
+    return ["DATASETS.SYNTHPSG.ROOT", str(root), "DATASETS.SYNTHPSG.NUM_IMAGES", "8",
+            "DATASETS.SYNTHPSG.IMAGE_SIZE", "64", "INPUT.IMAGE_SIZE", "64"]  # fmt: skip
+
+
 def _write_png(path, h=24, w=32, value=0):
     rgb = np.zeros((h, w, 3), np.uint8)
     rgb[..., 0], rgb[..., 2] = value, 255 - value
@@ -178,7 +186,7 @@ def test_run_demo_writes_outputs_per_image(tmp_path):
         demo.run_demo(predictor, [str(inputs / "broken.png")], str(out))
 
 
-def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch):
+def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch, synthpsg_opts):
     from skimage import data as skdata
 
     from spade.data.synthpsg import generate_image
@@ -205,11 +213,9 @@ def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch):
         ["--config-file", TINY_CONFIG, "--input", str(synth_png), str(photo), "--output", str(out),
          "--top-k-relations", "10", "--classes", "cup,saucer,table,disc,ball",
          "--predicates", "on,next to,left of",
-         "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "64",
+         "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
          "MODEL.SPADE.TEST.OVERLAP_THRESHOLD", "0.0",
-         "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD", "0.0",
-         "DATASETS.SYNTHPSG.ROOT", str(tmp_path / "synthpsg"),
-         "DATASETS.SYNTHPSG.NUM_IMAGES", "8", "DATASETS.SYNTHPSG.IMAGE_SIZE", "64"]
+         "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD", "0.0"] + synthpsg_opts
     )  # fmt: skip
     assert len(written) == 2
     for stem, (h, w) in (("synth", (64, 64)), ("coffee", (100, 150))):
@@ -230,7 +236,7 @@ def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch):
         assert (out / f"{stem}_panoptic.png").is_file() and (out / f"{stem}_graph.png").is_file()
 
 
-def test_demo_command_line_runs_in_a_fresh_process(tmp_path):
+def test_demo_command_line_runs_in_a_fresh_process(tmp_path, synthpsg_opts):
     """The script as users run it: registration through ``import spade``, argv parsing, outputs
     (random weights: any number of segments, possibly none)."""
     import subprocess
@@ -243,9 +249,7 @@ def test_demo_command_line_runs_in_a_fresh_process(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "projects", "SPADE", "demo.py"),
            "--config-file", TINY_CONFIG, "--input", str(tmp_path / "s.png"),
            "--output", str(tmp_path / "out"),
-           "--opts", "MODEL.WEIGHTS", "", "INPUT.IMAGE_SIZE", "64",
-           "DATASETS.SYNTHPSG.ROOT", str(tmp_path / "synthpsg"),
-           "DATASETS.SYNTHPSG.NUM_IMAGES", "8", "DATASETS.SYNTHPSG.IMAGE_SIZE", "64"]  # fmt: skip
+           "--opts", "MODEL.WEIGHTS", ""] + synthpsg_opts  # fmt: skip
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.load(open(tmp_path / "out" / "s_triplets.json"))
@@ -257,3 +261,24 @@ def test_demo_command_line_runs_in_a_fresh_process(tmp_path):
     missing = subprocess.run(cmd[:4] + [str(tmp_path / "nope.png")] + cmd[5:], cwd=str(tmp_path),
                              env=env, capture_output=True, text=True)  # fmt: skip
     assert missing.returncode != 0 and "nope.png does not exist" in missing.stderr
+
+
+def test_predictor_loads_weights_saved_by_the_checkpointer(tmp_path, synthpsg_opts):
+    import argparse
+
+    from spade.engine.checkpoint import SafetensorsCheckpointer
+    from spade.engine.defaults import setup_cfg
+
+    args = argparse.Namespace(config_file=TINY_CONFIG, opts=["MODEL.WEIGHTS", ""] + synthpsg_opts)
+    cfg = setup_cfg(args, do_default_setup=False)
+    trained = SPADEPredictor(cfg).model
+    name, param = next((n, p) for n, p in trained.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        param.add_(0.25)  # stands for training
+    SafetensorsCheckpointer(trained, save_dir=str(tmp_path)).save("model_final")
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = str(tmp_path / "model_final.safetensors")
+    loaded = SPADEPredictor(cfg).model
+    assert torch.equal(dict(loaded.named_parameters())[name], param)
+    assert loaded.training is False

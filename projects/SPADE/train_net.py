@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from spade.data.build import build_spade_test_loader, build_spade_train_loader  # noqa: E402
 from spade.engine import SPADETrainer, build_spade_optimizer  # noqa: E402
 from spade.engine.defaults import run_training, setup_cfg  # noqa: E402
-from spade.evaluation import build_spade_evaluator  # noqa: E402
+from spade.evaluation.psg_evaluation import PSGEvaluator  # noqa: E402
 
 
 class Trainer(SPADETrainer):
@@ -34,7 +34,9 @@ class Trainer(SPADETrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        return build_spade_evaluator(cfg, dataset_name, output_folder)
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return PSGEvaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -63,7 +64,7 @@ def load_calibration_image(file_name: str, size: int) -> Tuple[torch.Tensor, byt
     try:
         with open(file_name, "rb") as f:
             data = f.read()
-        with Image.open(file_name) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img = img.convert("RGB").resize((size, size), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, ValueError) as e:
@@ -243,15 +244,19 @@ class TeacherMapCache:
         image_size: CALIBRATION.IMAGE_SIZE.
     """
 
-    def __init__(self, cache_dir: str, generator: TeacherMapGenerator, fingerprint: str, image_size: int):
+    def __init__(
+        self, cache_dir: str, generator: TeacherMapGenerator, fingerprint: str, image_size: int
+    ):
         self.cache_dir = cache_dir
         self.generator = generator
         self.image_size = int(image_size)
-        self._base = json.dumps(
-            {"model": fingerprint, "settings": generator.settings, "template": generator.template,
-             "image_size": self.image_size},
-            sort_keys=True,
-        )
+        base = {
+            "model": fingerprint,
+            "settings": generator.settings,
+            "template": generator.template,
+            "image_size": self.image_size,
+        }
+        self._base = json.dumps(base, sort_keys=True)
 
     def path(self, image_id: str) -> str:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(image_id))

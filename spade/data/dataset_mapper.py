@@ -134,6 +134,11 @@ class SPADEDatasetMapper:
         flip_perm = None
         if names and is_train:
             meta = MetadataCatalog.get(names[0])
+            if not hasattr(meta, "predicate_classes"):
+                raise KeyError(
+                    f"dataset {names[0]!r} is not registered as a PSG-style dataset (its metadata "
+                    "has no predicate_classes); see datasets/README.md"
+                )
             flip_perm = flip_permutation(
                 meta.predicate_classes, getattr(meta, "predicate_flip_map", [])
             )
@@ -177,17 +182,16 @@ class SPADEDatasetMapper:
                 f"(W, H) but the image is {tuple(shape)[::-1]}"
             )
         seg_ids = np.array([s["id"] for s in d["segments_info"]], dtype=np.int64)
-        present = np.isin(seg_ids, np.unique(ids))
+        uniq, inv = np.unique(ids, return_inverse=True)
+        present = np.isin(seg_ids, uniq)
         if not present.all():
             raise ValueError(
                 f"panoptic PNG {path} (image_id {d['image_id']}): segments_info ids "
                 f"{seg_ids[~present].tolist()} do not occur in the PNG"
             )
         lookup = {int(s): k + 1 for k, s in enumerate(seg_ids)}
-        uniq, inv = np.unique(ids, return_inverse=True)
-        return np.array([lookup.get(int(u), 0) for u in uniq], dtype=np.int64)[inv].reshape(
-            ids.shape
-        )
+        index_of_id = np.array([lookup.get(int(u), 0) for u in uniq], dtype=np.int64)
+        return index_of_id[inv].reshape(ids.shape)
 
     # ------------------------------------------------------------------ mapping
     def __call__(self, dataset_dict: Dict) -> Optional[Dict]:

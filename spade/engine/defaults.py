@@ -8,8 +8,6 @@
 """
 import logging
 import os
-from typing import Iterable
-
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup
@@ -17,7 +15,7 @@ from detectron2.utils import comm
 
 from spade.config import add_spade_config
 
-__all__ = ["setup_cfg", "prepare_datasets", "run_training", "synthpsg_names"]
+__all__ = ["setup_cfg", "prepare_datasets", "run_training"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,25 +41,14 @@ def setup_cfg(args, *, freeze: bool = True, do_default_setup: bool = True) -> Cf
     return cfg
 
 
-def synthpsg_names(names: Iterable[str]) -> list:
-    """The dataset names among ``names`` that refer to SynthPSG."""
-    return [n for n in names if n.startswith("synthpsg")]
-
-
 def prepare_datasets(cfg: CfgNode) -> None:
-    """Generate and register SynthPSG at ``cfg.DATASETS.SYNTHPSG.ROOT`` when the config uses it."""
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    if not synthpsg_names(names):
-        return
-    from spade.data.datasets.synthetic import register_synthpsg
-    from spade.data.synthpsg import ensure_synthpsg
+    """Generate (main process only; the others wait) and register SynthPSG when the config uses it."""
+    from spade.data.build import prepare_synthpsg
 
-    s = cfg.DATASETS.SYNTHPSG
-    root = os.path.abspath(s.ROOT)
     if comm.is_main_process():
-        ensure_synthpsg(root, num_images=s.NUM_IMAGES, seed=s.SEED, size=s.IMAGE_SIZE)
+        prepare_synthpsg(cfg)
     comm.synchronize()
-    register_synthpsg(root)
+    prepare_synthpsg(cfg)  # a complete dataset is only re-registered, in every process
 
 
 def run_training(trainer_cls, cfg: CfgNode, args):

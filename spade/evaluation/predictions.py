@@ -1,4 +1,4 @@
-"""Turn model outputs (docs/INTERFACES.md) into PredictedGraph, and check predictions for bad input."""
+"""Model outputs (docs/INTERFACES.md) as PredictedGraph, and checks of predictions for bad input."""
 
 from typing import Dict, List, Mapping
 
@@ -72,7 +72,8 @@ def prediction_from_output(output: Mapping, image_id: str) -> PredictedGraph:
     """PredictedGraph of one model output {"panoptic_seg": (seg, segments_info), "relations": ...}.
 
     Relation triplets name segment ids; they become segment entry indices here. A missing
-    "relations" means no relation rows. Raises ValueError naming the image and the field for an
+    "relations" means no relation rows. Segments may carry "bbox" (xyxy, used by box-IoU
+    evaluation instead of the tight box of the visible mask). Raises ValueError naming the image and the field for an
     unknown segment id, duplicated segment ids, NaN or unsorted triplet scores.
     """
     where = f"image {image_id}"
@@ -114,7 +115,11 @@ def prediction_from_output(output: Mapping, image_id: str) -> PredictedGraph:
         if (np.diff(scores_t) > 0).any():
             raise ValueError(f"{where}: relations.scores are not sorted in descending order")
     pscores = rel_out.get("predicate_scores")
+    boxes = None
+    if segments_info and all("bbox" in s for s in segments_info):
+        boxes = np.asarray([s["bbox"] for s in segments_info], dtype=np.float64).reshape(-1, 4)
     return PredictedGraph(
+        boxes=boxes,
         segment_ids=ids,
         labels=labels,
         relations=rows,

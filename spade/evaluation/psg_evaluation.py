@@ -12,6 +12,7 @@ Command line (the benchmark's submission format, see submission.py)::
 
 import argparse
 import itertools
+import json
 import logging
 import os
 import sys
@@ -254,8 +255,6 @@ def _parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     """Command line entry; returns the exit status (1 when there are bad entries)."""
-    import json
-
     args = _parse_args(argv)
     gt_records, names = load_psg_split(args.gt, args.seg_root, args.split)
     ov_split = None

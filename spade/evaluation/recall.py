@@ -32,7 +32,9 @@ class _Flat:
         lengths = np.array([len(r.predicates) for r in records], dtype=np.int64)
         self.num_images = len(records)
         self.image = np.repeat(np.arange(len(records)), lengths)
-        cat = lambda xs, dt: np.concatenate(list(xs)).astype(dt) if len(records) else np.zeros(0, dt)
+        cat = lambda xs, dt: (
+            np.concatenate(list(xs)).astype(dt) if len(records) else np.zeros(0, dt)
+        )
         self.predicates = cat((r.predicates for r in records), np.int64)
         self.subject_labels = cat((r.subject_labels for r in records), np.int64)
         self.object_labels = cat((r.object_labels for r in records), np.int64)

@@ -131,7 +131,8 @@ def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
 
 
 def mask_boxes(seg: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Tight xyxy boxes [len(ids), 4] (pixel edges: x1 = last column + 1); zeros for empty masks."""
+    """Tight xyxy boxes [len(ids), 4] of distinct ids (pixel edges: x1 = last column + 1); zeros
+    for empty masks."""
     h, w = seg.shape
     idx = _index_map(seg, ids)
     boxes = np.zeros((len(ids), 4), dtype=np.float64)
@@ -160,7 +161,7 @@ def _pixel_grid(h: int, w: int) -> Tuple[np.ndarray, np.ndarray]:
 def segment_centers(
     gt: GroundTruthGraph, box_only: bool, index_map: Optional[np.ndarray] = None
 ) -> np.ndarray:
-    """Centre [N, 2] (x, y) of each ground-truth segment: mask centroid, or box centre; NaN if empty.
+    """Centre [N, 2] (x, y) of each ground-truth segment: mask centroid or box centre (NaN: empty).
 
     index_map: _index_map(gt.seg, gt.segment_ids) when the caller already has it.
     """
@@ -261,7 +262,10 @@ def score_image(
     keys = np.asarray(pred.segment_ids, dtype=np.int64)
     unique_keys, inverse = np.unique(keys, return_inverse=True)
     if box_only:
-        boxes = pred.boxes if pred.boxes is not None else mask_boxes(pred.seg, keys)
+        if pred.boxes is None:
+            boxes = mask_boxes(pred.seg, unique_keys)[inverse.reshape(-1)]
+        else:
+            boxes = pred.boxes
         iou = box_iou(boxes, gt.boxes)
     else:
         iou = segment_iou(pred.seg, unique_keys, gt.seg, gt.segment_ids, gt_index)

@@ -18,32 +18,30 @@ __all__ = ["draw_scene_graph", "node_positions"]
 
 
 def node_positions(view: SceneGraphView, scale: float, min_dist: float) -> Dict[int, np.ndarray]:
-    """Node centres (display pixels) at the mask centroids, pushed apart until no two are closer
-    than ``min_dist`` (a fixed number of deterministic relaxation steps)."""
+    """Node centres (display pixels, [2] = x, y) at the mask centroids, pushed apart until no two
+    are closer than ``min_dist``: at most 100 deterministic relaxation steps, each moving both
+    nodes of every too-close pair half the missing distance apart, then clamping into the image."""
     ids = [s.id for s in view.segments]
     pos = np.array([[s.centroid[0] + 0.5, s.centroid[1] + 0.5] for s in view.segments]) * scale
     pos = pos.reshape(-1, 2)
-    lo, hi = (
-        np.array([min_dist / 2] * 2),
-        np.array([view.width, view.height]) * scale - min_dist / 2,
-    )
-    for _ in range(60):
-        moved = False
-        for i in range(len(pos)):
-            for j in range(i + 1, len(pos)):
-                d = pos[j] - pos[i]
-                dist = float(np.hypot(*d))
-                if dist >= min_dist:
-                    continue
-                moved = True
-                # coincident centres separate along a fixed direction that depends on the pair
-                u = d / dist if dist > 1e-6 else np.array([np.cos(i + 2 * j), np.sin(i + 2 * j)])
-                push = (min_dist - dist) / 2 * u
-                pos[i] -= push
-                pos[j] += push
-        pos = np.clip(pos, lo, np.maximum(lo, hi))
-        if not moved:
+    n = len(pos)
+    lo = np.full(2, min_dist / 2)
+    hi = np.maximum(lo, np.array([view.width, view.height]) * scale - min_dist / 2)
+    # coincident centres separate along a fixed direction that depends on the pair
+    i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    fallback = np.stack([np.cos(i + 2.0 * j), np.sin(i + 2.0 * j)], -1)  # [n, n, 2]
+    fallback = np.where((i < j)[..., None], fallback, -fallback.transpose(1, 0, 2))
+    for _ in range(100):
+        diff = pos[None, :, :] - pos[:, None, :]  # [n, n, 2]: diff[a, b] = pos[b] - pos[a]
+        dist = np.hypot(diff[..., 0], diff[..., 1])
+        close = (dist < min_dist) & (i != j)
+        if not close.any():
             break
+        unit = np.where(
+            (dist > 1e-6)[..., None], diff / np.maximum(dist, 1e-6)[..., None], fallback
+        )
+        push = np.where(close, (min_dist - dist) / 2, 0.0)[..., None] * unit  # on b, away from a
+        pos = np.clip(pos + push.sum(0), lo, hi)
     return {sid: p for sid, p in zip(ids, pos)}
 
 

@@ -19,6 +19,7 @@ import os
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
+from matplotlib.patches import Rectangle
 
 from .canvas import FONT, check_image, display_scale, hex_color, render, text_color, write_png
 from .io import atomic_write_json
@@ -87,21 +88,23 @@ def draw_panoptic_overlay(
     canvas[:, :wd] = blended
 
     def draw(ax: Any) -> None:
+        image_region = Rectangle((0, 0), wd, hd, transform=ax.transData)  # labels stay inside
         for seg in view.segments:
             if seg.area == 0:
                 continue
             x, y = (seg.label_point[0] + 0.5) * s, (seg.label_point[1] + 0.5) * s
-            ax.text(
+            label = ax.text(
                 x,
                 y,
                 seg.label,
                 fontsize=FONT - 2,
-                ha="center",
+                ha="left" if x < 0.2 * wd else "right" if x > 0.8 * wd else "center",
                 va="center",
                 color=text_color(seg.color),
                 clip_on=True,
                 bbox=dict(boxstyle="round,pad=0.15", fc=hex_color(seg.color), ec="none", alpha=0.8),
             )
+            label.set_clip_path(image_region)
         _draw_triplet_panel(ax, view, x0=wd + _MARGIN, height=hd)
 
     return render(canvas, draw)

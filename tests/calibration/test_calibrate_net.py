@@ -97,7 +97,7 @@ def test_resume_continues_from_saved_iteration(instant_run):
         f.write("model_0000019")
     saved, _ = _tensors(os.path.join(out, "model_0000019.safetensors"))
     os.remove(os.path.join(out, "metrics.json"))
-    script.main(_args(script, out, data, "--resume", "CALIBRATION.NUM_VIS_IMAGES", "0"))
+    resumed = script.main(_args(script, out, data, "--resume", "CALIBRATION.NUM_VIS_IMAGES", "0"))
     losses, _ = _losses(out)
     assert sorted(losses) == list(range(20, 40))  # continued at 20, not from 0
     final, meta = _tensors(os.path.join(out, "model_final.safetensors"))
@@ -105,6 +105,15 @@ def test_resume_continues_from_saved_iteration(instant_run):
     assert any(not torch.equal(final[k], saved[k]) for k in saved)
     state = torch.load(os.path.join(out, "model_final.state.pth"), weights_only=True)
     assert state["iteration"] == 39 and state["trainer"]["optimizer"]["state"]
+    # --eval-only on the final weights reproduces the held-out L_cal of the end of training
+    final_path = os.path.join(out, "model_final.safetensors")
+    evaluated = script.main(
+        _args(script, out, data, "--eval-only", "MODEL.WEIGHTS", final_path,
+              "CALIBRATION.NUM_VIS_IMAGES", "0")
+    )
+    assert evaluated["calibration"]["heldout_loss_cal"] == pytest.approx(
+        resumed["calibration"]["heldout_loss_cal"], rel=1e-5
+    )
 
 
 def test_two_process_cpu_launch(instant_run, tmp_path):

@@ -112,3 +112,48 @@ def test_teacher_ignores_lora_and_student_trains_only_lora_and_adapter(model_and
     assert trainable == {n for n in trainable if ".lora_" in n or "adapter" in n}
     with pytest.raises(ValueError, match="image a"):
         model([dict(batch[0], teacher_maps=teacher[:1])])
+
+
+def test_ablation_switches_random_noise_and_ddim(model_and_cache):
+    model, _, _ = model_and_cache
+    gen = model.teacher
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(1))
+    base = gen(image, TRIPLETS)
+    try:
+        gen.noise = "random"
+        rand_a, rand_b = gen(image, TRIPLETS, seed=1), gen(image, TRIPLETS, seed=2)
+        assert torch.equal(gen(image, TRIPLETS, seed=1), rand_a)  # seeded
+        assert not torch.allclose(rand_a, rand_b) and not torch.allclose(rand_a, base)
+        gen.noise, gen.inversion, gen.sampler = "inversion", "ddim", "ddim"
+        ddim = gen(image, TRIPLETS)
+        assert ddim.shape == base.shape and not torch.allclose(ddim, base)
+        gen.inversion, gen.sampler, gen.guidance_scale = "belm", "belm", 3.0
+        guided = gen(image, TRIPLETS)  # classifier-free guidance: maps of the conditional pass
+        assert torch.isfinite(guided).all() and not torch.allclose(guided, base)
+    finally:
+        gen.noise, gen.inversion, gen.sampler = "inversion", "belm", "belm"
+        gen.guidance_scale = 1.0
+
+
+def test_full_finetuning_ablation_trains_attn2_only(tmp_path):
+    cfg = tiny_calibration_cfg(str(tmp_path))
+    cfg.MODEL.SPADE.LORA.ENABLED = False
+    model = CalibrationModel(cfg)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(".lora_" in n for n in names)
+    unet_names = {n for n in names if n.startswith("unet.")}
+    assert unet_names and all(".attn2.to_" in n for n in unet_names)
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))
+    teacher = model.teacher(image, TRIPLETS[:1])
+    loss = model([{"image": image, "triplets": TRIPLETS[:1], "teacher_maps": teacher}])["loss_cal"]
+    # the student (UNet + implicit tokens in the context) differs from the teacher (prompt only)
+    assert loss.item() > 0
+    gen = model.teacher
+    with pytest.raises(ValueError, match="CALIBRATION.NOISE"):  # checked before anything is built
+        type(gen)(unet=gen.unet, vae=gen.vae, latent_scale=1.0, scheduler=None,
+                  encode_text=gen.encode_text, encode_ids=gen.encode_ids, context_length=77,
+                  num_steps=3, noise="zeros")
+    with pytest.raises(ValueError, match="CAPTURE_TIMESTEPS"):
+        type(gen)(unet=gen.unet, vae=gen.vae, latent_scale=1.0, scheduler=None,
+                  encode_text=gen.encode_text, encode_ids=gen.encode_ids, context_length=77,
+                  num_steps=3, capture_steps=[4])

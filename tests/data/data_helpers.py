@@ -3,6 +3,7 @@
 import json
 import os
 
+import h5py
 import numpy as np
 from PIL import Image
 
@@ -45,18 +46,18 @@ def standard_record(image_id, relations, ids=(1, 2, 300)):
     }
 
 
-def write_dataset(root, records, test_ids, val_ids=None, pngs=True):
-    """Write psg.json plus matching image / panoptic PNGs for ``standard_record`` records."""
-    psg = {
-        "data": records,
+def write_dataset(root, records, test_ids, val_ids=None, classes=None):
+    """Write psg.json plus matching image / panoptic PNGs for ``standard_record`` records;
+    ``classes`` overrides the class lists (default THINGS / STUFF / PREDICATES)."""
+    classes = classes or {
         "thing_classes": THINGS,
         "stuff_classes": STUFF,
         "predicate_classes": PREDICATES,
-        "test_image_ids": test_ids,
     }
+    psg = dict(classes, data=records, test_image_ids=test_ids)
     if val_ids is not None:
         psg["val_image_ids"] = val_ids
-    for rec in records if pngs else []:
+    for rec in records:
         ids = np.zeros((16, 24), dtype=np.int64)
         segs = rec["segments_info"]
         ids[:8, :8], ids[:8, 16:], ids[8:, :] = segs[0]["id"], segs[1]["id"], segs[2]["id"]
@@ -68,3 +69,49 @@ def write_dataset(root, records, test_ids, val_ids=None, pngs=True):
     with open(path, "w") as f:
         json.dump(psg, f)
     return path
+
+
+H5 = {
+    "split": [0, 0, 0, 2, 2],
+    "labels": [[1], [2], [1], [3], [2], [1], [2]],
+    "boxes_1024": [
+        [512, 256, 512, 256],
+        [100, 100, 50, 50],
+        [10, 10, 20, 20],
+        [50, 50, 20, 20],
+        [30, 30, 10, 10],
+        [40, 40, 20, 20],
+        [80, 80, 20, 20],
+    ],
+    "img_to_first_box": [0, 2, 4, 5, -1],
+    "img_to_last_box": [1, 3, 4, 6, -1],
+    "img_to_first_rel": [0, 2, -1, 3, -1],
+    "img_to_last_rel": [1, 2, -1, 5, -1],
+    "relationships": [[0, 1], [0, 1], [2, 3], [5, 6], [5, 6], [6, 5]],
+    "predicates": [[1], [1], [2], [1], [1], [2]],
+}
+
+
+def write_vg(tmp_path, h5=None, images=None):
+    """Write a tiny VG150 (h5, dicts json, image_data json) into ``tmp_path``; returns paths."""
+    h5 = dict(H5, **(h5 or {}))
+    with h5py.File(tmp_path / "vg.h5", "w") as f:
+        for k, v in h5.items():
+            f.create_dataset(k, data=np.asarray(v))
+    with open(tmp_path / "dicts.json", "w") as f:
+        json.dump(
+            {
+                "idx_to_label": {"1": "cat", "2": "dog", "3": "bed"},
+                "idx_to_predicate": {"1": "on", "2": "near"},
+            },
+            f,
+        )
+    if images is None:
+        images = [
+            {"image_id": 10, "width": 200, "height": 100},
+            {"image_id": 1592, "width": 5, "height": 5},
+        ]  # a known corrupt image, skipped
+        images += [{"image_id": i, "width": 100, "height": 100} for i in (11, 12, 13, 14)]
+    with open(tmp_path / "image_data.json", "w") as f:
+        json.dump(images, f)
+    return str(tmp_path / "vg.h5"), str(tmp_path / "dicts.json"), str(tmp_path / "image_data.json")

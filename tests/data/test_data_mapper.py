@@ -211,6 +211,9 @@ def test_bad_configuration():
     cfg.INPUT.DATASET_MAPPER_NAME = "nope"
     with pytest.raises(KeyError, match="nope"):
         build_dataset_mapper(cfg, is_train=True)
+    cfg.INPUT.DATASET_MAPPER_NAME, cfg.DATASETS.TRAIN = "spade_psg", ("never_registered",)
+    with pytest.raises(KeyError, match="never_registered"):
+        build_dataset_mapper(cfg, is_train=True)
     with pytest.raises(ValueError, match="CORRUPT_IMAGE_POLICY"):
         _mapper([], corrupt_image_policy="ignore")
     with pytest.raises(ValueError, match="unknown predicate"):

@@ -47,6 +47,11 @@ def test_split_rules(psg_file, caplog):
     assert d["segments_info"][1]["bbox"] == [16.0, 0.0, 24.0, 8.0]
 
 
+def test_empty_dataset(tmp_path):
+    path = write_dataset(str(tmp_path), [], test_ids=[])
+    assert all(_load(path, split) == [] for split in ("train", "val", "test", "all"))
+
+
 def test_val_falls_back_to_test_without_val_ids(tmp_path):
     path = write_dataset(str(tmp_path), _records(), test_ids=["3"])
     assert [d["image_id"] for d in _load(path, "val")] == ["3"]
@@ -123,6 +128,21 @@ def test_register_sets_metadata_and_writes_panoptic_json(psg_file):
             lambda p: p["data"][2]["segments_info"][0].update(category_id=3),
             ValueError,
             "image_id 3: segments_info.0..category_id 3 is not a known category",
+        ),
+        (
+            lambda p: p["data"][0]["relations"].append([0, 1]),
+            ValueError,
+            r"image_id 1: relations\[3\] = \[0, 1\] is not \[subject, object, predicate\]",
+        ),
+        (
+            lambda p: p["data"][4]["annotations"].pop(),
+            ValueError,
+            "image_id 5: annotations has 2 entries for 3 segments_info",
+        ),
+        (
+            lambda p: p["data"][0]["segments_info"][1].update(id=1),
+            ValueError,
+            r"image_id 1: segments_info\[1\].id 1 is repeated",
         ),
         (
             lambda p: p["data"][0]["segments_info"][0].pop("id"),

@@ -167,3 +167,39 @@ def test_bad_parameters_and_split_file():
         PREDICATE_CLASSES
     )
     assert not set(OV_SPLIT["base_objects"]) & set(OV_SPLIT["novel_objects"])
+
+
+def test_checker_rejects_false_relations(synth_root):
+    """The independent checker is not vacuous: flipping left/right or above/below fails it."""
+    with open(os.path.join(synth_root, "psg.json")) as f:
+        psg = json.load(f)
+    swap = {0: 1, 1: 0, 2: 3, 3: 2}
+    checked = 0
+    for rec in psg["data"]:
+        ids = _decode(os.path.join(synth_root, rec["pan_seg_file_name"]))
+        image = np.asarray(Image.open(os.path.join(synth_root, rec["file_name"]))).astype(float)
+        masks = [ids == g["id"] for g in rec["segments_info"]]
+        for s, o, p in rec["relations"]:
+            if p in swap:
+                args = (masks, rec["segments_info"], image, rec["width"])
+                assert not _check_relation(s, o, swap[p], *args)
+                checked += 1
+    assert checked > 10
+
+
+def test_command_line(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic_psg", os.path.join(REPO, "datasets", "make_synthetic_psg.py")
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = str(tmp_path / "cli")
+    cli.main(["--out", out, "--num-images", "2", "--seed", "4", "--size", "64"])
+    assert "SynthPSG ready" in capsys.readouterr().out
+    with open(os.path.join(out, "manifest.json")) as f:
+        assert json.load(f)["size"] == 64
+    assert Image.open(os.path.join(out, "images", "000001.png")).size == (64, 64)
+    cli.main(["--out", out, "--num-images", "3", "--seed", "4", "--size", "64", "--overwrite"])
+    assert "wrote 3 images" in capsys.readouterr().out

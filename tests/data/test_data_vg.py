@@ -1,61 +1,15 @@
 """VG150 loading on tiny h5 / json files: boxes, splits, duplicates, open vocabulary, errors."""
 
-import json
-
 import h5py
-import numpy as np
 import pytest
+from data_helpers import write_vg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from spade.data.datasets import VG150_OV_SPLIT_FILE, load_ov_split, load_vg150, register_vg150
 
-H5 = {
-    "split": [0, 0, 0, 2, 2],
-    "labels": [[1], [2], [1], [3], [2], [1], [2]],
-    "boxes_1024": [
-        [512, 256, 512, 256],
-        [100, 100, 50, 50],
-        [10, 10, 20, 20],
-        [50, 50, 20, 20],
-        [30, 30, 10, 10],
-        [40, 40, 20, 20],
-        [80, 80, 20, 20],
-    ],
-    "img_to_first_box": [0, 2, 4, 5, -1],
-    "img_to_last_box": [1, 3, 4, 6, -1],
-    "img_to_first_rel": [0, 2, -1, 3, -1],
-    "img_to_last_rel": [1, 2, -1, 5, -1],
-    "relationships": [[0, 1], [0, 1], [2, 3], [5, 6], [5, 6], [6, 5]],
-    "predicates": [[1], [1], [2], [1], [1], [2]],
-}
-
-
-def _write(tmp_path, h5=None, images=None):
-    h5 = dict(H5, **(h5 or {}))
-    with h5py.File(tmp_path / "vg.h5", "w") as f:
-        for k, v in h5.items():
-            f.create_dataset(k, data=np.asarray(v))
-    with open(tmp_path / "dicts.json", "w") as f:
-        json.dump(
-            {
-                "idx_to_label": {"1": "cat", "2": "dog", "3": "bed"},
-                "idx_to_predicate": {"1": "on", "2": "near"},
-            },
-            f,
-        )
-    if images is None:
-        images = [
-            {"image_id": 10, "width": 200, "height": 100},
-            {"image_id": 1592, "width": 5, "height": 5},
-        ]  # a known corrupt image, skipped
-        images += [{"image_id": i, "width": 100, "height": 100} for i in (11, 12, 13, 14)]
-    with open(tmp_path / "image_data.json", "w") as f:
-        json.dump(images, f)
-    return str(tmp_path / "vg.h5"), str(tmp_path / "dicts.json"), str(tmp_path / "image_data.json")
-
 
 def test_boxes_splits_and_duplicates(tmp_path):
-    files = _write(tmp_path)
+    files = write_vg(tmp_path)
     train = load_vg150(*files, "/imgs", "train", num_val=0)
     assert [d["image_id"] for d in train] == ["10", "11"]  # 12 has no relations
     d = train[0]
@@ -74,7 +28,7 @@ def test_boxes_splits_and_duplicates(tmp_path):
 
 
 def test_open_vocabulary_and_registration(tmp_path):
-    files = _write(tmp_path)
+    files = write_vg(tmp_path)
     ov = {
         "base_objects": ["cat", "dog"],
         "novel_objects": ["bed"],
@@ -128,13 +82,13 @@ def test_open_vocabulary_and_registration(tmp_path):
     ],
 )
 def test_bad_input(tmp_path, h5, images, pattern):
-    files = _write(tmp_path, h5, images)
+    files = write_vg(tmp_path, h5, images)
     with pytest.raises(ValueError, match=pattern):
         load_vg150(*files, "/imgs", "train", num_val=0)
 
 
 def test_missing_dataset_and_file(tmp_path):
-    files = _write(tmp_path)
+    files = write_vg(tmp_path)
     with h5py.File(files[0], "a") as f:
         del f["img_to_last_rel"]
     with pytest.raises(ValueError, match="vg.h5: missing dataset 'img_to_last_rel'"):

@@ -1,10 +1,12 @@
 """PQ through panopticapi, the file-based command line, and the submission writer."""
+
 import json
 import os
 
 import numpy as np
 import pytest
-from conftest import IMAGE_A, PREDICATES, STUFF, THINGS, make_output, seg_a
+from psg_eval_cases import make_dataset  # noqa: F401 (pytest fixture)
+from psg_eval_cases import IMAGE_A, PREDICATES, STUFF, THINGS, make_output, seg_a
 from panopticapi.evaluation import pq_compute
 from panopticapi.utils import id2rgb
 from PIL import Image
@@ -47,19 +49,39 @@ def _in_process(name, dicts, outputs):
 def _write_psg_json(dicts, tmp_path):
     data = []
     for d in dicts:
-        segs = [{k: s[k] for k in ("id", "category_id", "iscrowd", "isthing", "area")}
-                for s in d["segments_info"]]
-        anns = [{"bbox": s["bbox"], "bbox_mode": 0, "category_id": s["category_id"]}
-                for s in d["segments_info"]]
-        data.append({"file_name": "x.jpg", "height": d["height"], "width": d["width"],
-                     "image_id": d["image_id"], "pan_seg_file_name": os.path.basename(
-                         d["pan_seg_file_name"]), "segments_info": segs, "annotations": anns,
-                     "relations": d["relations"]})
+        segs = [
+            {k: s[k] for k in ("id", "category_id", "iscrowd", "isthing", "area")}
+            for s in d["segments_info"]
+        ]
+        anns = [
+            {"bbox": s["bbox"], "bbox_mode": 0, "category_id": s["category_id"]}
+            for s in d["segments_info"]
+        ]
+        data.append(
+            {
+                "file_name": "x.jpg",
+                "height": d["height"],
+                "width": d["width"],
+                "image_id": d["image_id"],
+                "pan_seg_file_name": os.path.basename(d["pan_seg_file_name"]),
+                "segments_info": segs,
+                "annotations": anns,
+                "relations": d["relations"],
+            }
+        )
     data.append(dict(data[0], image_id="train0"))  # not a test image
     path = tmp_path / "psg.json"
-    path.write_text(json.dumps({"data": data, "thing_classes": THINGS, "stuff_classes": STUFF,
-                                "predicate_classes": PREDICATES,
-                                "test_image_ids": [d["image_id"] for d in dicts]}))
+    path.write_text(
+        json.dumps(
+            {
+                "data": data,
+                "thing_classes": THINGS,
+                "stuff_classes": STUFF,
+                "predicate_classes": PREDICATES,
+                "test_image_ids": [d["image_id"] for d in dicts],
+            }
+        )
+    )
     return str(path)
 
 
@@ -73,10 +95,22 @@ def test_cli_round_trip_matches_in_process(make_dataset, tmp_path, capsys):
     entries = json.load(open(sub / "relation.json"))
     assert [e["image_id"] for e in entries] == ["img0", "b", "d"]
     assert entries[0]["relations"][0] == [0, 1, 1] and entries[0]["segments_info"][2] == {
-        "id": 3, "category_id": 3}  # 1-based category and predicate
+        "id": 3,
+        "category_id": 3,
+    }  # 1-based category and predicate
     out_json = tmp_path / "scores.json"
-    argv = ["--gt", _write_psg_json(dicts, tmp_path), "--seg-root", str(tmp_path),
-            "--pred-dir", str(sub), "--protocol", "both", "--output", str(out_json)]
+    argv = [
+        "--gt",
+        _write_psg_json(dicts, tmp_path),
+        "--seg-root",
+        str(tmp_path),
+        "--pred-dir",
+        str(sub),
+        "--protocol",
+        "both",
+        "--output",
+        str(out_json),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
     rows = [line.split("|")[0].strip() for line in printed[3:9]]
@@ -103,8 +137,14 @@ def test_cli_summarises_bad_entries(make_dataset, tmp_path, capsys):
     entries[1]["relations"][0][1] = 9  # no segment 9
     os.remove(sub / "panseg" / entries[2]["pan_seg_file_name"])
     (sub / "relation.json").write_text(json.dumps(entries + [entries[0]]))
-    argv = ["--gt", _write_psg_json(dicts, tmp_path), "--seg-root", str(tmp_path),
-            "--pred-dir", str(sub)]
+    argv = [
+        "--gt",
+        _write_psg_json(dicts, tmp_path),
+        "--seg-root",
+        str(tmp_path),
+        "--pred-dir",
+        str(sub),
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "4 bad entries" in err
@@ -131,15 +171,38 @@ def test_pq_matches_panopticapi(make_dataset, tmp_path):
     Image.open(dicts[0]["pan_seg_file_name"]).save(gt_dir / "b.png")
     Image.fromarray(id2rgb(_perturbed_seg())).save(pred_dir / "b.png")
     cats = [{"id": i, "name": n, "isthing": int(i < 2)} for i, n in enumerate(THINGS + STUFF)]
-    gt_json = {"categories": cats, "annotations": [{"image_id": "b", "file_name": "b.png",
-               "segments_info": [{"id": s["id"], "category_id": s["category_id"], "iscrowd": 0,
-                                  "area": s["area"]} for s in dicts[0]["segments_info"]]}]}
-    pred_json = {"annotations": [{"image_id": "b", "file_name": "b.png", "segments_info": [
-        {"id": i, "category_id": c} for i, c in segs]}]}
+    gt_json = {
+        "categories": cats,
+        "annotations": [
+            {
+                "image_id": "b",
+                "file_name": "b.png",
+                "segments_info": [
+                    {
+                        "id": s["id"],
+                        "category_id": s["category_id"],
+                        "iscrowd": 0,
+                        "area": s["area"],
+                    }
+                    for s in dicts[0]["segments_info"]
+                ],
+            }
+        ],
+    }
+    pred_json = {
+        "annotations": [
+            {
+                "image_id": "b",
+                "file_name": "b.png",
+                "segments_info": [{"id": i, "category_id": c} for i, c in segs],
+            }
+        ]
+    }
     (tmp_path / "gt.json").write_text(json.dumps(gt_json))
     (tmp_path / "pred.json").write_text(json.dumps(pred_json))
-    ref = pq_compute(str(tmp_path / "gt.json"), str(tmp_path / "pred.json"), str(gt_dir),
-                     str(pred_dir))
+    ref = pq_compute(
+        str(tmp_path / "gt.json"), str(tmp_path / "pred.json"), str(gt_dir), str(pred_dir)
+    )
     for suffix, group in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):
         for key in ("pq", "sq", "rq"):
             assert res[key.upper() + suffix] == pytest.approx(100 * ref[group][key])

@@ -6,6 +6,7 @@ predicate and boolean-mask IoU >= 0.5 for subject and object; R@K is the union o
 the first K rows over the ground-truth count, averaged over images; mR@K collects per-image
 per-predicate recall, averages per predicate and divides the sum by the vocabulary size.
 """
+
 import numpy as np
 import pytest
 
@@ -23,8 +24,12 @@ def _random_image(rng, idx):
     labels = rng.integers(0, NUM_CLASSES, size=len(ids))
     n_rel = int(rng.integers(0, 6))
     rel = np.stack(
-        [rng.integers(0, len(ids), n_rel), rng.integers(0, len(ids), n_rel),
-         rng.integers(0, NUM_PREDICATES, n_rel)], axis=1,
+        [
+            rng.integers(0, len(ids), n_rel),
+            rng.integers(0, len(ids), n_rel),
+            rng.integers(0, NUM_PREDICATES, n_rel),
+        ],
+        axis=1,
     ).reshape(-1, 3)
     rel = np.unique(rel, axis=0)
     gt = GroundTruthGraph(str(idx), h, w, labels, rel, ids, seg=gt_seg)
@@ -34,8 +39,12 @@ def _random_image(rng, idx):
     p_labels = np.where(rng.random(len(ids)) < 0.8, labels, rng.integers(0, NUM_CLASSES, len(ids)))
     n_rows = int(rng.integers(0, 40)) if idx % 5 else 0
     rows = np.stack(
-        [rng.integers(0, len(ids), n_rows), rng.integers(0, len(ids), n_rows),
-         rng.integers(0, NUM_PREDICATES, n_rows)], axis=1,
+        [
+            rng.integers(0, len(ids), n_rows),
+            rng.integers(0, len(ids), n_rows),
+            rng.integers(0, NUM_PREDICATES, n_rows),
+        ],
+        axis=1,
     ).reshape(-1, 3)
     if len(rel) and n_rows:  # plant some true triplets so matches happen
         plant = rel[rng.integers(0, len(rel), size=min(len(rel), n_rows))]
@@ -76,8 +85,9 @@ def _reference(images, k):
 def test_vectorised_equals_reference_loop(seed):
     rng = np.random.default_rng(seed)
     images = [_random_image(rng, i) for i in range(25)]
-    records = [score_image(g, p, ("multi",), max_k=100, num_predicates=NUM_PREDICATES)
-               for g, p in images]
+    records = [
+        score_image(g, p, ("multi",), max_k=100, num_predicates=NUM_PREDICATES) for g, p in images
+    ]
     res, _ = summarize(records, [f"p{i}" for i in range(NUM_PREDICATES)], ks=(5, 10, 100))
     for k in (5, 10, 100):
         r, mr = _reference(images, k)

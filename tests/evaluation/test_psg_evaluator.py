@@ -1,19 +1,24 @@
-"""PSGEvaluator on hand-computed cases (see conftest.py for image A's geometry)."""
+"""PSGEvaluator on hand-computed cases (see psg_eval_cases.py for image A's geometry)."""
+
 import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_A, PREDICATES, make_output, seg_a
+from psg_eval_cases import make_dataset  # noqa: F401 (pytest fixture)
+from psg_eval_cases import IMAGE_A, PREDICATES, make_output, seg_a
 
+from detectron2.config import get_cfg
+
+from spade.config import add_spade_config
 from spade.evaluation.psg_evaluation import PSGEvaluator
 
 GT_TRIPLETS_A = [(1, 2, 0), (1, 3, 1), (2, 1, 2)]  # image A's relations in segment ids
 
 
 def run(name, outputs, dicts, **kwargs):
-    ev = PSGEvaluator(name, distributed=False, **kwargs)
+    ev = PSGEvaluator(name, **kwargs)  # distributed=True: gathers through comm (1 process here)
     ev.reset()
     for d, out in zip(dicts, outputs):
         ev.process([{"image_id": d["image_id"]}], [out])
@@ -54,7 +59,9 @@ def test_mask_iou_threshold(make_dataset, covered, matched):
     seg = np.zeros((10, 20), dtype=np.int64)
     seg[:, :10] = 1  # 100 px
     seg[:, 10:] = 2
-    name, dicts = make_dataset([{"seg": seg, "segments": [(1, 0), (2, 1)], "relations": [[0, 1, 0]]}])
+    name, dicts = make_dataset(
+        [{"seg": seg, "segments": [(1, 0), (2, 1)], "relations": [[0, 1, 0]]}]
+    )
     pred = seg.copy()
     pred[:, :10] = 0
     pred.reshape(-1)[np.flatnonzero(seg.reshape(-1) == 1)[:covered]] = 1  # IoU = covered / 100
@@ -115,8 +122,12 @@ def test_distant_vs_near(make_dataset):
 
 
 def test_open_vocabulary_split(make_dataset):
-    split = {"base_objects": THINGS_STUFF, "novel_objects": [], "novel_predicates": ["above"],
-             "base_predicates": ["on", "left of"]}
+    split = {
+        "base_objects": THINGS_STUFF,
+        "novel_objects": [],
+        "novel_predicates": ["above"],
+        "base_predicates": ["on", "left of"],
+    }
     name, dicts = make_dataset([IMAGE_A], ov_split=split)
     out = make_output(seg_a(), IMAGE_A["segments"], [(1, 2, 0), (2, 1, 2)])
     res = run(name, [out], dicts)["psg"]
@@ -151,13 +162,22 @@ def test_box_only_matching(make_dataset):
     "mutate, message",
     [
         (lambda o, d: d.update(image_id="nope"), "image nope: image_id"),
-        (lambda o, d: o["relations"].update(triplets=torch.tensor([[1, 9, 0]])), "relations.triplets"),
+        (
+            lambda o, d: o["relations"].update(triplets=torch.tensor([[1, 9, 0]])),
+            "relations.triplets",
+        ),
         (lambda o, d: o["relations"]["triplets"].__setitem__((0, 2), 7), "predicate outside 0..2"),
-        (lambda o, d: o.update(panoptic_seg=(torch.zeros(5, 5, dtype=torch.int32),
-                                             o["panoptic_seg"][1])), "panoptic_seg has size"),
+        (
+            lambda o, d: o.update(
+                panoptic_seg=(torch.zeros(5, 5, dtype=torch.int32), o["panoptic_seg"][1])
+            ),
+            "panoptic_seg has size",
+        ),
         (lambda o, d: o["relations"]["scores"].__setitem__(0, float("nan")), "relations.scores"),
-        (lambda o, d: o["relations"]["predicate_scores"].__setitem__((1, 1), float("nan")),
-         "predicate_scores contains NaN"),
+        (
+            lambda o, d: o["relations"]["predicate_scores"].__setitem__((1, 1), float("nan")),
+            "predicate_scores contains NaN",
+        ),
         (lambda o, d: o["panoptic_seg"][1][0].update(category_id=9), "category_id [9]"),
     ],
 )
@@ -170,3 +190,20 @@ def test_bad_input_names_image_and_field(make_dataset, mutate, message):
     with pytest.raises(ValueError, match="image ") as err:
         ev.process([inp], [out])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("protocol, tasks", [("single", ["psg"]), ("both", ["psg", "psg_single"])])
+def test_built_from_config(make_dataset, protocol, tasks):
+    cfg = get_cfg()
+    add_spade_config(cfg)
+    cfg.TEST.PSG_EVAL.PROTOCOL = protocol
+    cfg.TEST.PSG_EVAL.RECALL_KS = [1, 2]
+    cfg.TEST.PSG_EVAL.PANOPTIC = False
+    name, dicts = make_dataset([dict(IMAGE_A, relations=[[0, 1, 0], [0, 1, 1]])])
+    ev = PSGEvaluator(cfg, name)
+    out = make_output(seg_a(), IMAGE_A["segments"], [(1, 2, 0), (1, 2, 1)])
+    ev.process([{"image_id": dicts[0]["image_id"]}], [out])
+    res = ev.evaluate()
+    assert list(res) == tasks
+    assert res["psg"]["R@1"] == pytest.approx(50.0)
+    assert res["psg"]["R@2"] == pytest.approx(50.0 if protocol == "single" else 100.0)

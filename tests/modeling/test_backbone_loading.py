@@ -1,7 +1,6 @@
 """Model loading: TINY preset, round trips through the real loading path, clear errors."""
 
 import json
-import os
 
 import open_clip
 import pytest
@@ -11,6 +10,7 @@ from safetensors.torch import save_file
 from spade.modeling.backbone.loading import (
     build_clip,
     build_diffusion_parts,
+    check_text_conditioning,
     clip_preprocess,
     encode_text_tokens,
     num_unet_downsamples,
@@ -139,9 +139,13 @@ def test_pretrained_preset_without_weights_is_error(make_cfg):
         build_diffusion_parts(make_cfg(PRESET="PRETRAINED"))
 
 
-def test_mismatched_tiny_widths_are_rejected(make_cfg):
+def test_mismatched_tiny_widths_are_rejected(make_cfg, tiny_clip, tiny_diffusion):
     with pytest.raises(ValueError, match="CROSS_ATTENTION_DIM"):
         build_diffusion_parts(make_cfg(**{"DIFFUSION.TINY.CROSS_ATTENTION_DIM": 16}))
+    check_text_conditioning(tiny_diffusion, tiny_clip)
+    wide = build_clip(make_cfg(**{"CLIP.TINY.WIDTH": 48}))
+    with pytest.raises(ValueError, match=r"cross_attention_dim \(32\).*\(48\)"):
+        check_text_conditioning(tiny_diffusion, wide)
 
 
 def test_text_token_states(tiny_clip):

@@ -198,3 +198,17 @@ def test_from_metadata_uses_dataset_colours():
     assert vis.class_colors == [(1, 2, 3), (4, 5, 6), (7, 8, 9)]
     with pytest.raises(ValueError, match="predicate_classes"):
         SceneGraphVisualizer.from_metadata(MetadataCatalog.get("spade_test_visualizer_empty"))
+
+
+def test_drawing_is_deterministic_and_handles_self_relations(tmp_path):
+    image, pred = _example()
+    pred["relations"]["triplets"][2] = torch.tensor([2, 2, 0])  # a segment related to itself
+    vis = SceneGraphVisualizer(CLASSES, PREDICATES)
+    first = vis.save(image, pred, str(tmp_path / "a"), "ex")
+    second = vis.save(image, pred, str(tmp_path / "b"), "ex")
+    for key in ("panoptic", "graph", "json"):
+        assert open(first[key], "rb").read() == open(second[key], "rb").read()
+    triplets = json.load(open(first["json"]))["triplets"]
+    assert ("circle", "left of", "circle") in [
+        (t["subject"], t["predicate"], t["object"]) for t in triplets
+    ]

@@ -7,6 +7,9 @@
   [$DETECTRON2_DATASETS/coco], ``SPADE_PSG_SEG_ROOT`` [$DETECTRON2_DATASETS/coco];
   ``DETECTRON2_DATASETS`` defaults to "datasets". The PSG class lists are the COCO panoptic names
   and the 56 PSG predicates; loading checks that psg.json agrees.
+* VG150: ``vg150_{train,val,test}`` and ``vg150_{train,val,test}_ov`` (OvSGTR split) when
+  ``SPADE_VG_ROOT`` [$DETECTRON2_DATASETS/vg] holds ``VG-SGG-with-attri.h5``,
+  ``VG-SGG-dicts-with-attri.json`` and ``image_data.json`` (images under ``VG_100K/``).
 * SynthPSG: ``synthpsg_{train,val,test}[_ov]`` at ``SPADE_SYNTHPSG_ROOT`` [datasets/synthpsg],
   registered whether or not the data exists yet (see ``synthetic.py``).
 """
@@ -20,8 +23,15 @@ from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from .psg import register_psg
 from .synthetic import register_synthpsg
+from .vg import VG150_OV_SPLIT_FILE, register_vg150
 
-__all__ = ["PSG_PREDICATE_CLASSES", "PSG_CLASSES", "register_all_psg", "register_all_synthpsg"]
+__all__ = [
+    "PSG_PREDICATE_CLASSES",
+    "PSG_CLASSES",
+    "register_all_psg",
+    "register_all_vg150",
+    "register_all_synthpsg",
+]
 
 PSG_PREDICATE_CLASSES = [
     "over", "in front of", "beside", "on", "in", "attached to", "hanging from", "on back of",
@@ -33,6 +43,7 @@ PSG_PREDICATE_CLASSES = [
     "slicing", "driving", "riding", "parked on", "driving on", "about to hit", "kicking",
     "swinging", "entering", "exiting", "enclosing", "leaning on",
 ]  # fmt: skip
+_VG_FILES = ("VG-SGG-with-attri.h5", "VG-SGG-dicts-with-attri.json", "image_data.json")
 PSG_CLASSES = {
     "thing_classes": [c["name"] for c in COCO_CATEGORIES if c["isthing"]],
     "stuff_classes": [c["name"] for c in COCO_CATEGORIES if not c["isthing"]],
@@ -62,10 +73,25 @@ def register_all_psg(datasets_root: str = "") -> None:
             )
 
 
+def register_all_vg150(datasets_root: str = "") -> None:
+    """Register vg150_* when the three VG150 files exist under $SPADE_VG_ROOT."""
+    root = datasets_root or os.environ.get("DETECTRON2_DATASETS", "datasets")
+    vg = os.environ.get("SPADE_VG_ROOT", os.path.join(root, "vg"))
+    files = [os.path.join(vg, n) for n in _VG_FILES]
+    if not all(os.path.isfile(f) for f in files):
+        return
+    for split in ("train", "val", "test"):
+        for suffix, ov in (("", None), ("_ov", VG150_OV_SPLIT_FILE)):
+            name = f"vg150_{split}{suffix}"
+            if name not in DatasetCatalog.list():
+                register_vg150(name, *files, os.path.join(vg, "VG_100K"), split, ov_split=ov)
+
+
 def register_all_synthpsg() -> None:
     """Register the SynthPSG splits at $SPADE_SYNTHPSG_ROOT (default datasets/synthpsg)."""
     register_synthpsg(os.environ.get("SPADE_SYNTHPSG_ROOT", os.path.join("datasets", "synthpsg")))
 
 
 register_all_psg()
+register_all_vg150()
 register_all_synthpsg()

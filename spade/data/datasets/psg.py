@@ -93,10 +93,14 @@ def _check_image(rec: dict, json_file: str, n_classes: int, n_preds: int) -> Non
         if key not in rec:
             raise _err(json_file, image_id, f"missing field {key!r}")
     n_seg = len(rec["segments_info"])
+    seen_ids = set()
     for k, seg in enumerate(rec["segments_info"]):
         for key in _SEGMENT_KEYS:
             if key not in seg:
                 raise _err(json_file, image_id, f"segments_info[{k}] missing field {key!r}")
+        if seg["id"] in seen_ids:
+            raise _err(json_file, image_id, f"segments_info[{k}].id {seg['id']} is repeated")
+        seen_ids.add(seg["id"])
         if not 0 <= int(seg["category_id"]) < n_classes:
             raise _err(
                 json_file,
@@ -121,13 +125,13 @@ def _check_image(rec: dict, json_file: str, n_classes: int, n_preds: int) -> Non
             raise _err(
                 json_file,
                 image_id,
-                f"relations[{k}] = {rel}: predicate index out of range " f"(0..{n_preds - 1})",
+                f"relations[{k}] = {rel}: predicate index out of range (0..{n_preds - 1})",
             )
     if "annotations" in rec and len(rec["annotations"]) != n_seg:
         raise _err(
             json_file,
             image_id,
-            f"annotations has {len(rec['annotations'])} entries for " f"{n_seg} segments_info",
+            f"annotations has {len(rec['annotations'])} entries for {n_seg} segments_info",
         )
 
 
@@ -240,7 +244,7 @@ def load_psg_json(
             for key in ("file_name", "pan_seg_file_name"):
                 if not os.path.isfile(d[key]):
                     raise FileNotFoundError(
-                        f"{json_file}: image_id {d['image_id']}: {key} " f"{d[key]} does not exist"
+                        f"{json_file}: image_id {d['image_id']}: {key} {d[key]} does not exist"
                     )
         dicts.append(d)
 

@@ -9,15 +9,14 @@ Pipeline of :meth:`DiffusionBackbone.forward` (input: the detectron2-normalised 
 3. optional noise at DIFFUSION.TIMESTEP (fixed noise from DIFFUSION.NOISE_SEED: deterministic);
 4. implicit text tokens [B, K, C] from CLIP (its own resize + normalisation) and the MLP adapter;
 5. one UNet pass; outputs of the DIFFUSION.FEATURE_BLOCKS modules are captured by name;
-6. per output ``resN`` (stride 2^N): blocks at that stride (else the nearest, resampled) are
-   concatenated and projected by a light conv stage to OUT_CHANNELS.
+6. per output ``resN`` (stride 2^N): blocks at that stride (else the nearest) are concatenated,
+   projected by a light conv stage to OUT_CHANNELS and resampled to stride 2^N if needed.
 
 The VAE and CLIP always run without grad; the UNet runs with grad only while LoRA or the adapter
 is being trained (DIFFUSION.TRAIN_LORA / TRAIN_ADAPTER), otherwise without.
 """
 
 import logging
-import math
 import re
 from typing import Dict, List, Optional, Sequence
 
@@ -49,7 +48,11 @@ _RES_NAME = re.compile(r"^res(\d+)$")
 
 
 class _Projection(nn.Module):
-    """1x1 conv + GN + ReLU at the source resolution, resample, 3x3 conv + GN."""
+    """1x1 conv + GN + ReLU, 3x3 conv + GN, both at the source resolution, then resampling.
+
+    An output finer than every captured block (res2 from stride-8 blocks) is bilinearly
+    upsampled after the convs: the convs cost what they cost at the source stride.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, scale: float):
         super().__init__()
@@ -69,12 +72,12 @@ class _Projection(nn.Module):
         weight_init.c2_xavier_fill(self.smooth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.reduce(x)
+        x = self.smooth(self.reduce(x))
         if self.scale > 1:
             x = F.interpolate(x, scale_factor=self.scale, mode="bilinear", align_corners=False)
         elif self.scale < 1:
             x = F.avg_pool2d(x, kernel_size=int(round(1 / self.scale)))
-        return self.smooth(x)
+        return x
 
 
 class DiffusionBackbone(Backbone):

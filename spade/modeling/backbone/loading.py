@@ -38,6 +38,7 @@ __all__ = [
     "ClipParts",
     "build_diffusion_parts",
     "build_clip",
+    "check_text_conditioning",
     "tokenize",
     "encode_text_tokens",
     "phrase_token_positions",
@@ -279,6 +280,9 @@ def build_clip(cfg: CfgNode) -> ClipParts:
             )
         if not pretrained and not name.startswith(("local-dir:", "hf-hub:")):
             _require_not_pretrained_preset(cfg, "MODEL.SPADE.CLIP.PRETRAINED")
+            logger.warning(
+                "MODEL.SPADE.CLIP.PRETRAINED is empty: %s is built with RANDOM weights", name
+            )
         model = open_clip.create_model(name, pretrained=pretrained or None, weights_only=True)
         tokenizer = open_clip.get_tokenizer(name)
         pp = open_clip.get_model_preprocess_cfg(model)
@@ -296,6 +300,16 @@ def build_clip(cfg: CfgNode) -> ClipParts:
         embed_dim=int(model.visual.output_dim),
         text_width=int(model.token_embedding.weight.shape[1]),
     )
+
+
+def check_text_conditioning(diffusion: DiffusionParts, clip_parts: ClipParts) -> None:
+    """Raise ValueError unless CLIP's token states can condition the UNet (widths agree)."""
+    cross = int(diffusion.unet.config.cross_attention_dim)
+    if cross != clip_parts.text_width:
+        raise ValueError(
+            f"the UNet's cross_attention_dim ({cross}) differs from the CLIP text width "
+            f"({clip_parts.text_width}): MODEL.SPADE.DIFFUSION and MODEL.SPADE.CLIP do not match"
+        )
 
 
 def tokenize(clip_parts: ClipParts, texts: Sequence[str]) -> torch.Tensor:

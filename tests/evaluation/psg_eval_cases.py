@@ -1,4 +1,5 @@
-"""Tiny hand-made PSG-style datasets and model outputs for the evaluator tests.
+"""Hand-made PSG-style cases for the evaluator tests: image A, model outputs, and the
+``make_dataset`` fixture (import it into a test module to use it).
 
 Image "A" (10 x 30, width 30 -> distant when centres are > 10 px apart):
   id 1 "circle" (thing 0): columns 0-4   -> centre x 2.0
@@ -6,6 +7,7 @@ Image "A" (10 x 30, width 30 -> distant when centres are > 10 px apart):
   id 3 "sky"    (stuff 2): columns 20-29 -> centre x 24.5  (22.5 px from id 1: distant)
 relations: (1 on 2), (1 above 3), (2 left of 1) in segment indices (0, 1, 0), (0, 2, 1), (1, 0, 2).
 """
+
 import itertools
 import os
 
@@ -35,6 +37,32 @@ IMAGE_A = {
     "segments": [(1, 0), (2, 1), (3, 2)],
     "relations": [[0, 1, 0], [0, 2, 1], [1, 0, 2]],
 }
+
+
+def make_output(seg, segments, triplets, num_predicates=len(PREDICATES), pair_scores=None):
+    """A model output (docs/INTERFACES.md): triplets [(subject id, object id, predicate)] ranked.
+
+    Row t scores 1 - 0.01 t; its predicate_scores row puts that score on its predicate and 0.001
+    on the others.
+    """
+    t = len(triplets)
+    scores = (
+        torch.tensor([1.0 - 0.01 * i for i in range(t)]) if pair_scores is None else pair_scores
+    )
+    pscores = torch.full((t, num_predicates), 0.001)
+    trip = torch.tensor(triplets, dtype=torch.long).reshape(-1, 3)
+    if t:
+        pscores[torch.arange(t), trip[:, 2]] = scores
+    return {
+        "panoptic_seg": (
+            torch.as_tensor(seg, dtype=torch.int32),
+            [
+                {"id": sid, "category_id": cat, "isthing": cat < len(THINGS), "score": 1.0}
+                for sid, cat in segments
+            ],
+        ),
+        "relations": {"triplets": trip, "scores": scores, "predicate_scores": pscores},
+    }
 
 
 def _write_png(seg: np.ndarray, path: str) -> None:
@@ -92,32 +120,3 @@ def make_dataset(tmp_path):
         return name, dicts
 
     return make
-
-
-def make_output(seg, segments, triplets, num_predicates=len(PREDICATES), pair_scores=None):
-    """A model output (docs/INTERFACES.md): triplets [(subject id, object id, predicate)] ranked.
-
-    Row t scores 1 - 0.01 t; its predicate_scores row puts that score on its predicate and 0.001
-    on the others.
-    """
-    t = len(triplets)
-    scores = torch.tensor([1.0 - 0.01 * i for i in range(t)]) if pair_scores is None else pair_scores
-    pscores = torch.full((t, num_predicates), 0.001)
-    trip = torch.tensor(triplets, dtype=torch.long).reshape(-1, 3)
-    if t:
-        pscores[torch.arange(t), trip[:, 2]] = scores
-    return {
-        "panoptic_seg": (
-            torch.as_tensor(seg, dtype=torch.int32),
-            [
-                {"id": sid, "category_id": cat, "isthing": cat < len(THINGS), "score": 1.0}
-                for sid, cat in segments
-            ],
-        ),
-        "relations": {"triplets": trip, "scores": scores, "predicate_scores": pscores},
-    }
-
-
-@pytest.fixture
-def output_factory():
-    return make_output
