@@ -15,6 +15,12 @@ import torch
 __all__ = ["atomic_write_bytes", "atomic_write_json", "atomic_save_safetensors", "atomic_write"]
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write_fn: Callable[[str], None]) -> None:
     """Run ``write_fn(tmp_path)`` on a temporary file next to ``path``, then move it onto ``path``.
 
@@ -33,6 +39,7 @@ def atomic_write(path: str, write_fn: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write_fn(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_current_umask())  # mkstemp makes 0600; use normal perms
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)

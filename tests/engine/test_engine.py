@@ -144,3 +144,19 @@ def test_nonfinite_loss_skip_policy_leaves_weights_untouched():
     assert trainer.skipped_steps == 1
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_diffusion_backbone_checkpoints_leave_out_frozen_pretrained_parts():
+    from detectron2.modeling import build_backbone
+
+    import spade  # noqa: F401  (registers the backbone)
+    from spade.engine.checkpoint import frozen_state_prefixes
+
+    cfg = _cfg()
+    cfg.MODEL.BACKBONE.NAME = "build_diffusion_backbone"
+    cfg.MODEL.SPADE.DIFFUSION.OUT_CHANNELS = 32
+    cfg.INPUT.FORMAT = "RGB"
+    backbone = build_backbone(cfg)
+    assert sorted(frozen_state_prefixes(backbone)) == ["implicit_text.", "unet.", "vae."]
+    saved = trainable_state_dict(backbone)
+    assert saved and all(k.startswith("projections.") for k in saved), sorted(saved)[:5]

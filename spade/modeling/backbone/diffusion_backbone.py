@@ -294,6 +294,16 @@ class DiffusionBackbone(Backbone):
             self._lora_merged = False
         return self
 
+    def frozen_state_prefixes(self) -> List[str]:
+        """State-dict prefixes rebuilt at start-up from their own files (pretrained UNet / VAE,
+        stage-1 LoRA + adapter), so checkpoints leave them out (spade.engine.checkpoint)."""
+        parts = {"vae": self.vae, "unet": self.unet, "implicit_text": self.implicit_text}
+        return [
+            f"{name}."
+            for name, module in parts.items()
+            if not any(p.requires_grad for p in module.parameters())
+        ]
+
     def _apply(self, fn, recurse: bool = True):
         self.clip.model._apply(fn)  # forward .to() / .half() to the unregistered CLIP
         return super()._apply(fn, recurse)
