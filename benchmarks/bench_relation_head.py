@@ -7,10 +7,15 @@ allocated by torch during one run (from the profiler's CPU memory events, relati
 the run). M = "all" means every ordered pair, Q (Q - 1), which is where PAIR_CHUNK bounds memory.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_relation_head.py --queries 25 50 100 200 \
-        --pairs 128 1024 all --out bench_relation_head.json
+        --pairs 128 1024 all --train-pairs 128 1024 --out bench_relation_head.json
+
+In training every selected pair's activations are kept for backward, so memory grows with M;
+at inference pairs are scored PAIR_CHUNK at a time, so memory stops growing once M > PAIR_CHUNK.
 """
+
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -40,7 +45,9 @@ def build_head(num_pairs: int, pair_chunk: int, mask_dim: int, text_dim: int) ->
     return build_relation_head(cfg)
 
 
-def make_inputs(q: int, side: int, mask_dim: int, text_dim: int, num_predicates: int, seed: int = 0):
+def make_inputs(
+    q: int, side: int, mask_dim: int, text_dim: int, num_predicates: int, seed: int = 0
+):
     """Random head inputs for one image: Q queries, side x side masks."""
     gen = torch.Generator().manual_seed(seed)
     return dict(
@@ -80,7 +87,9 @@ def peak_memory_bytes(fn) -> int:
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     deltas = sorted(
-        (e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]" and "Bytes" in e.get("args", {})
+        (e["ts"], e["args"]["Bytes"])
+        for e in events
+        if e.get("name") == "[memory]" and "Bytes" in e.get("args", {})
     )
     total, peak = 0, 0
     for _, nbytes in deltas:
@@ -93,8 +102,9 @@ def benchmark(args) -> List[Dict]:
     rows = []
     for mode in args.modes:
         for q in args.queries:
-            for m_arg in args.pairs:
-                m = q * (q - 1) if m_arg == "all" else int(m_arg)
+            wanted = args.pairs if mode == "eval" else args.train_pairs
+            all_pairs = q * (q - 1)
+            for m in sorted({all_pairs if a == "all" else min(int(a), all_pairs) for a in wanted}):
                 head = build_head(m, args.pair_chunk, args.mask_dim, args.text_dim)
                 head.train(mode == "train")
                 inputs = make_inputs(q, args.side, args.mask_dim, args.text_dim, args.predicates)
@@ -105,47 +115,82 @@ def benchmark(args) -> List[Dict]:
                     run_once(head, inputs, mode, q)
                     times.append(time.perf_counter() - start)
                 peak = peak_memory_bytes(lambda: run_once(head, inputs, mode, q))
-                row = {"mode": mode, "Q": q, "M": min(m, q * (q - 1)), "pair_chunk": args.pair_chunk,
-                       "time_ms": 1000 * statistics.median(times), "peak_mib": peak / 2**20}
+                row = {
+                    "mode": mode,
+                    "Q": q,
+                    "M": m,
+                    "pair_chunk": args.pair_chunk,
+                    "time_ms": 1000 * statistics.median(times),
+                    "peak_mib": peak / 2**20,
+                }
                 rows.append(row)
-                print(f"{mode:5s} Q={q:4d} M={row['M']:6d} time {row['time_ms']:9.1f} ms  "
-                      f"peak {row['peak_mib']:8.1f} MiB", flush=True)
+                print(
+                    f"{mode:5s} Q={q:4d} M={row['M']:6d} time {row['time_ms']:9.1f} ms  "
+                    f"peak {row['peak_mib']:8.1f} MiB",
+                    flush=True,
+                )
     return rows
 
 
-def growth_summary(rows: List[Dict]) -> List[str]:
-    """Log-log slopes of time and memory vs Q at fixed M label, and vs M at fixed Q."""
-    import math
+def _slope(x0: float, y0: float, x1: float, y1: float) -> float:
+    """Log-log slope between two points (the exponent of a power law through them)."""
+    return math.log(max(y1, 1e-6) / max(y0, 1e-6)) / math.log(x1 / x0)
 
+
+def growth_summary(rows: List[Dict]) -> List[str]:
+    """Power-law exponents of time and peak memory vs M (fixed Q) and vs Q (fixed M)."""
     lines = []
     for mode in sorted({r["mode"] for r in rows}):
         sub = [r for r in rows if r["mode"] == mode]
         for q in sorted({r["Q"] for r in sub}):
             pts = sorted((r["M"], r["time_ms"], r["peak_mib"]) for r in sub if r["Q"] == q)
-            if len(pts) >= 2 and pts[0][0] != pts[-1][0]:
-                (m0, t0, p0), (m1, t1, p1) = pts[0], pts[-1]
-                slope_t = math.log(t1 / t0) / math.log(m1 / m0)
-                slope_p = math.log(max(p1, 1e-3) / max(p0, 1e-3)) / math.log(m1 / m0)
-                lines.append(f"{mode}: Q={q}: time ~ M^{slope_t:.2f}, peak memory ~ M^{slope_p:.2f} "
-                             f"(M {m0} -> {m1})")
+            (m0, t0, p0), (m1, t1, p1) = pts[0], pts[-1]
+            if m1 != m0:
+                lines.append(
+                    f"{mode}: Q={q}: time ~ M^{_slope(m0, t0, m1, t1):.2f}, "
+                    f"peak ~ M^{_slope(m0, p0, m1, p1):.2f} (M {m0} -> {m1})"
+                )
+        for m in sorted({r["M"] for r in sub}):
+            pts = sorted((r["Q"], r["time_ms"], r["peak_mib"]) for r in sub if r["M"] == m)
+            (q0, t0, p0), (q1, t1, p1) = pts[0], pts[-1]
+            if len(pts) >= 2 and q1 != q0:
+                lines.append(
+                    f"{mode}: M={m}: time ~ Q^{_slope(q0, t0, q1, t1):.2f}, "
+                    f"peak ~ Q^{_slope(q0, p0, q1, p1):.2f} (Q {q0} -> {q1})"
+                )
     return lines
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, nargs="+", default=[25, 50, 100, 200])
-    parser.add_argument("--pairs", nargs="+", default=["128", "1024", "all"], help="M values or 'all'")
+    parser.add_argument(
+        "--pairs",
+        nargs="+",
+        default=["128", "1024", "all"],
+        help="M values at inference, or 'all' (every ordered pair)",
+    )
+    parser.add_argument(
+        "--train-pairs",
+        nargs="+",
+        default=["128", "1024"],
+        help="M values in training (all pairs are kept for backward)",
+    )
     parser.add_argument("--modes", nargs="+", default=["eval", "train"], choices=["eval", "train"])
     parser.add_argument("--pair-chunk", type=int, default=4096)
-    parser.add_argument("--side", type=int, default=64, help="mask / mask-feature side (256 px / 4)")
+    parser.add_argument(
+        "--side", type=int, default=64, help="mask / mask-feature side (256 px / 4)"
+    )
     parser.add_argument("--mask-dim", type=int, default=256)
     parser.add_argument("--text-dim", type=int, default=768)
     parser.add_argument("--predicates", type=int, default=56)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     args = parser.parse_args(argv)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, side {args.side}, "
-          f"PAIR_CHUNK {args.pair_chunk}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, side {args.side}, "
+        f"PAIR_CHUNK {args.pair_chunk}"
+    )
     rows = benchmark(args)
     print("\n| mode | Q | M | time (ms) | peak (MiB) |\n|---|---|---|---|---|")
     for r in rows:

@@ -14,6 +14,7 @@ Prints a table and writes JSON (``--out``). Example::
 
     OMP_NUM_THREADS=2 python benchmarks/bench_teacher.py --models tiny sd --out bench_teacher.json
 """
+
 import argparse
 import functools
 import json

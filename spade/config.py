@@ -188,7 +188,7 @@ def _add_calibration_config(cfg: CN) -> None:
     c.NOISE = "inversion"  # "inversion" or "random" (ablation: random noise instead of inversion)
     c.NUM_INFERENCE_STEPS = 10  # inversion / sampling steps
     c.GUIDANCE_SCALE = 1.0  # classifier-free guidance of the teacher (1 = none)
-    c.CAPTURE_TIMESTEPS = []  # sampling step indices whose maps are averaged ([] = all)
+    c.CAPTURE_TIMESTEPS = []  # sampling states i in 1..N (N = noisiest) averaged ([] = all)
     c.MAP_RESOLUTION = 16  # side of the aggregated attention maps
     c.PROMPT_TEMPLATE = "{subject} is {predicate} {object}"  # teacher prompt per triplet
     c.MAX_TRIPLETS_PER_IMAGE = 8  # ground-truth triplets used per image
@@ -200,6 +200,7 @@ def _add_calibration_config(cfg: CN) -> None:
     c.NUM_VIS_IMAGES = 2  # images whose teacher/student maps are drawn to PNG
     c.MAP_NORMALIZATION = "max"  # per-map normalisation of A_i and A_i': "max", "sum" or "none"
     c.LOG_PERIOD = 20  # iterations between console / metrics.json / TensorBoard writes
+    c.MAX_TRAIN_IMAGES = 0  # calibrate on the first N training images with relations (0 = all)
 
 
 def _add_solver_config(cfg: CN) -> None:

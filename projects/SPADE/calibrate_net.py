@@ -6,36 +6,31 @@ Examples::
     python projects/SPADE/calibrate_net.py --config-file configs/calibration/SynthPSG-Tiny.yaml
     python projects/SPADE/calibrate_net.py --config-file ... --num-gpus 2   # (GLOO on CPU)
     python projects/SPADE/calibrate_net.py --config-file ... --resume
-    python projects/SPADE/calibrate_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.safetensors
+    python projects/SPADE/calibrate_net.py --config-file ... --eval-only \
+        MODEL.WEIGHTS output/calibration/synthpsg_tiny/model_final.safetensors
 
 The output ``<OUTPUT_DIR>/model_final.safetensors`` is what stage 2 loads through
 MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS; teacher/student map figures go to
 ``<OUTPUT_DIR>/visualization/``.
 """
+
 import logging
 import os
 
-from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from spade.calibration.builder import prepare_calibration_datasets
 from spade.calibration.trainer import CalibrationTrainer
 from spade.calibration.visualize import draw_dataset_examples
-from spade.config import add_spade_config
+from spade.engine.defaults import setup_cfg
 
 logger = logging.getLogger("spade.calibration")
 
 
 def setup(args):
-    """Config from the defaults, the YAML file and the command-line opts."""
-    cfg = get_cfg()
-    add_spade_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    default_setup(cfg, args)
+    """Config (defaults + YAML + opts, CPU fallback), logging, seeds, SynthPSG when used."""
+    cfg = setup_cfg(args)
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="spade")
     return cfg
 
@@ -43,7 +38,6 @@ def setup(args):
 def main(args):
     """Train (or with ``--eval-only`` evaluate) the calibration; returns the held-out result."""
     cfg = setup(args)
-    prepare_calibration_datasets(cfg)
     if not cfg.CALIBRATION.ENABLED:
         logger.info("CALIBRATION.ENABLED is False: nothing to train (stage 2 uses the plain UNet)")
         return {}

@@ -8,6 +8,7 @@
 * :mod:`.checkpoint`  trainable-only safetensors checkpoints + tensor-only trainer state.
 * :mod:`.trainer`     the detectron2 trainer; :mod:`.visualize` the teacher / student figure.
 """
+
 from .attention import AttentionStore, CrossAttentionRecorder, capture_cross_attention
 from .inversion import belm_invert, belm_sample, ddim_invert, ddim_sample, make_grid
 from .model import CalibrationModel, calibration_loss

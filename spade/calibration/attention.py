@@ -11,6 +11,7 @@ through ``unet.set_attn_processor``; the context manager :func:`capture_cross_at
 the original processors on exit, so nothing is left installed (no cost) when capture is off.
 Gradients flow through the recorded maps when the UNet runs with grad (the student).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -128,7 +129,7 @@ class CrossAttentionRecorder(AttnProcessor):
 
 
 def cross_attention_layer_names(unet) -> List[str]:
-    """Processor names of every ``attn2`` layer (e.g. ``down_blocks.0.attentions.0...attn2.processor``)."""
+    """Processor names of every ``attn2`` layer (``...transformer_blocks.0.attn2.processor``)."""
     return [n for n in unet.attn_processors if n.endswith("attn2.processor")]
 
 

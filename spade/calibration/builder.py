@@ -4,6 +4,7 @@ Dataset items are ``(dataset dict, triplets)`` pairs where ``triplets`` are the 
 CALIBRATION.MAX_TRIPLETS_PER_IMAGE ground-truth (subject, predicate, object) names; images
 without relations are dropped from training (they give the student nothing to match).
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,6 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
-from detectron2.utils import comm
 
 from spade.modeling.backbone import (
     apply_lora,
@@ -34,7 +34,6 @@ __all__ = [
     "CalibrationDatasetMapper",
     "build_calibration_train_loader",
     "build_calibration_test_loader",
-    "prepare_calibration_datasets",
 ]
 
 
@@ -49,8 +48,10 @@ def build_calibration_parts(cfg) -> Dict:
     diffusion = build_diffusion_parts(cfg)
     clip = build_clip(cfg)
     unet = diffusion.unet
-    apply_lora(unet, cfg.MODEL.SPADE.LORA, seed=int(cfg.SEED) if cfg.SEED >= 0 else 0)
-    implicit = build_implicit_text_encoder(cfg, clip, unet.config.cross_attention_dim)
+    apply_lora(unet, cfg.MODEL.SPADE.LORA, seed=int(cfg.MODEL.SPADE.LORA.SEED))
+    implicit = build_implicit_text_encoder(
+        cfg, clip, unet.config.cross_attention_dim, seed=int(cfg.MODEL.SPADE.IMPLICIT_TEXT.SEED)
+    )
     device = torch.device(cfg.MODEL.DEVICE)
     unet.to(device)
     diffusion.vae.to(device)
@@ -104,8 +105,11 @@ def build_teacher_cache(cfg, model) -> TeacherMapCache:
     return TeacherMapCache(cache_dir, model.teacher, fingerprint, int(cfg.CALIBRATION.IMAGE_SIZE))
 
 
-def calibration_items(cfg, dataset_name: str, drop_empty: bool = True) -> List[Tuple[dict, list]]:
-    """``(dataset dict, triplet names)`` of a registered PSG-style dataset."""
+def calibration_items(
+    cfg, dataset_name: str, drop_empty: bool = True, max_images: int = 0
+) -> List[Tuple[dict, list]]:
+    """``(dataset dict, triplet names)`` of a registered PSG-style dataset (the first
+    ``max_images`` kept ones when > 0)."""
     meta = MetadataCatalog.get(dataset_name)
     for key in ("thing_classes", "stuff_classes", "predicate_classes"):
         if not hasattr(meta, key):
@@ -113,8 +117,11 @@ def calibration_items(cfg, dataset_name: str, drop_empty: bool = True) -> List[T
     classes = list(meta.thing_classes) + list(meta.stuff_classes)
     predicates = list(meta.predicate_classes)
     k = int(cfg.CALIBRATION.MAX_TRIPLETS_PER_IMAGE)
-    items = [(d, triplet_names(d, classes, predicates, k)) for d in DatasetCatalog.get(dataset_name)]
-    return [it for it in items if it[1] or not drop_empty]
+    items = [
+        (d, triplet_names(d, classes, predicates, k)) for d in DatasetCatalog.get(dataset_name)
+    ]
+    items = [it for it in items if it[1] or not drop_empty]
+    return items[:max_images] if max_images > 0 else items
 
 
 class CalibrationDatasetMapper:
@@ -162,19 +169,3 @@ def build_calibration_test_loader(cfg, items: Sequence, cache: TeacherMapCache):
         mapper=CalibrationDatasetMapper(cache),
         num_workers=int(cfg.DATALOADER.NUM_WORKERS),
     )
-
-
-def prepare_calibration_datasets(cfg) -> None:
-    """Generate and (re-)register SynthPSG at DATASETS.SYNTHPSG.ROOT when a synthpsg_* dataset
-    is used (the main process generates, the others wait)."""
-    from spade.data.datasets import register_synthpsg
-    from spade.data.synthpsg import ensure_synthpsg
-
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST) + [cfg.CALIBRATION.EVAL_DATASET]
-    if not any(str(n).startswith("synthpsg") for n in names):
-        return
-    s = cfg.DATASETS.SYNTHPSG
-    if comm.is_main_process():
-        ensure_synthpsg(s.ROOT, int(s.NUM_IMAGES), int(s.SEED), int(s.IMAGE_SIZE))
-    comm.synchronize()
-    register_synthpsg(s.ROOT)

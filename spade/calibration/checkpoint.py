@@ -10,6 +10,7 @@ MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS loads (``model_final.safetensors`` is t
 The class offers the interface detectron2's PeriodicCheckpointer hook uses (``save``,
 ``get_checkpoint_file``, ``path_manager``) plus :meth:`resume_or_load`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,7 +43,9 @@ class CalibrationCheckpointer:
             file (optimizer, scheduler, trainer).
     """
 
-    def __init__(self, model, save_dir: str, save_to_disk: Optional[bool] = None, **checkpointables):
+    def __init__(
+        self, model, save_dir: str, save_to_disk: Optional[bool] = None, **checkpointables
+    ):
         self.model = model
         self.save_dir = save_dir
         self.save_to_disk = comm.is_main_process() if save_to_disk is None else save_to_disk

@@ -27,6 +27,7 @@ and its exact inverse (BELM inversion), for ``i = 1 .. N-1``, solves the same eq
 ``(x_N, x_{N-1})``; sampling from that pair reconstructs ``x_0`` to round-off. Sampling from
 ``x_N`` alone (random-noise ablation, or DDIM) takes the plain DDIM first step instead.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -22,6 +22,7 @@ averaged over each role's tokens and normalised per map (CALIBRATION.MAP_NORMALI
 Only the LoRA factors (or, for the full fine-tuning ablation, the attn2 projections) and the MLP
 adapter receive gradients; the VAE, CLIP and the UNet's base weights are frozen.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Sequence
@@ -92,10 +93,10 @@ class CalibrationModel(nn.Module):
         self.lambda_cal = float(lambda_cal)
 
     @classmethod
-    def from_config(cls, cfg, parts=None):
-        from .builder import build_calibration_parts
+    def from_config(cls, cfg):
+        from .builder import build_calibration_parts  # the builder imports this module
 
-        return build_calibration_parts(cfg) if parts is None else parts
+        return build_calibration_parts(cfg)
 
     @property
     def device(self) -> torch.device:
@@ -148,9 +149,9 @@ class CalibrationModel(nn.Module):
         images = torch.stack([d["image"] for d in batched_inputs]).to(self.device)
         student = self.student_maps(images, [d["triplets"] for d in batched_inputs])
         r = self.teacher.resolution
-        teacher = torch.cat(
-            [d["teacher_maps"].reshape(-1, 3, r, r) for d in batched_inputs]
-        ).to(student)
+        teacher = torch.cat([d["teacher_maps"].reshape(-1, 3, r, r) for d in batched_inputs]).to(
+            student
+        )
         loss = calibration_loss(teacher, student, self.lambda_cal)
         if student.numel() == 0:  # keep every trainable parameter in the graph (DDP)
             loss = loss + sum(p.sum() * 0.0 for p in self.trainable_parameters())

@@ -16,6 +16,7 @@ teacher UNet, VAE and text encoder), the generator settings, the prompts and the
 whose key differs (stale), that cannot be parsed (corrupt) or whose tensors are malformed is
 recomputed. Writes are atomic, so an interrupted run resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -210,23 +211,20 @@ class TeacherMapGenerator:
             uncond = self.encode_text([""]).expand(len(triplets), -1, -1)
         x0 = self.encode_latent(image[None]).double().expand(len(triplets), -1, -1, -1)
         store = AttentionStore(r, x0.shape[-2:])
-        store.active = False
-        sampling = [False]
 
         def on_step(step: int, conditional: bool) -> None:
-            chosen = not self.capture_steps or step in self.capture_steps
-            store.active = sampling[0] and conditional and chosen
+            store.active = conditional and (not self.capture_steps or step in self.capture_steps)
 
         eps_fn = inv.unet_eps_fn(self.unet, context, uncond, self.guidance_scale, on_step)
-        with self.teacher_mode(), capture_cross_attention(self.unet, store):
+        with self.teacher_mode():
             if self.noise == "random":
                 g = torch.Generator().manual_seed(int(seed))
                 z = torch.randn(x0.shape[1:], generator=g, dtype=torch.float64)
                 start = inv.InversionResult(noise=z.expand_as(x0).to(x0.device).clone())
-            else:
+            else:  # inversion runs on the UNet's own (fused) processors: nothing is captured
                 start = inv.invert(self.inversion, eps_fn, x0, self.grid)
-            sampling[0] = True
-            inv.sample(self.sampler, eps_fn, start, self.grid)
+            with capture_cross_attention(self.unet, store):
+                inv.sample(self.sampler, eps_fn, start, self.grid)
         maps = role_maps(store.mean().float(), spans)
         return normalize_maps(maps, self.normalization).cpu()
 
@@ -287,7 +285,9 @@ class TeacherMapCache:
             logger.warning("teacher cache %s is corrupt (%s); recomputing", path, e)
             return None
         if tuple(maps.shape) != (num_triplets, 3, r, r) or not bool(torch.isfinite(maps).all()):
-            logger.warning("teacher cache %s has malformed maps %s; recomputing", path, tuple(maps.shape))
+            logger.warning(
+                "teacher cache %s has malformed maps %s; recomputing", path, tuple(maps.shape)
+            )
             return None
         return maps
 

@@ -13,6 +13,7 @@ Order of work in :class:`CalibrationTrainer`:
    trainer state), EvalHook (held-out L_cal, mean over all ranks), PeriodicWriter (console,
    metrics.json, TensorBoard).
 """
+
 from __future__ import annotations
 
 import logging
@@ -85,10 +86,14 @@ class CalibrationTrainer(SimpleTrainer):
         model = CalibrationModel(cfg)
         self.calibration_model = model
         self.cache = build_teacher_cache(cfg, model)
-        self.train_items = calibration_items(cfg, cfg.DATASETS.TRAIN[0])
+        self.train_items = calibration_items(
+            cfg, cfg.DATASETS.TRAIN[0], max_images=int(cfg.CALIBRATION.MAX_TRAIN_IMAGES)
+        )
         if not self.train_items:
             raise ValueError(f"dataset {cfg.DATASETS.TRAIN[0]!r} has no image with relations")
-        eval_name = cfg.CALIBRATION.EVAL_DATASET or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
+        eval_name = cfg.CALIBRATION.EVAL_DATASET or (
+            cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else ""
+        )
         self.eval_items = calibration_items(cfg, eval_name) if eval_name else []
         self.precompute_teacher_maps()
 

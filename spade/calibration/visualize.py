@@ -4,6 +4,7 @@ One figure per image: one row per triplet (up to ``max_triplets``); columns are 
 teacher and student maps of subject, predicate and object, each upsampled and overlaid on the
 image with a colour map. Titles name the prompt and role.
 """
+
 from __future__ import annotations
 
 import os

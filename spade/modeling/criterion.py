@@ -3,6 +3,7 @@
 Shape shorthand: B batch, Q queries, K classes (+1 no-object), N ground-truth segments of an image,
 P sampled points, h x w predicted masks, H x W target masks.
 """
+
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -89,28 +90,42 @@ class SetCriterion(nn.Module):
     def loss_labels(self, logits: Tensor, targets, indices: Indices) -> Tensor:
         """Cross-entropy over K+1 classes; unmatched queries target no-object (index K)."""
         num_classes = logits.shape[-1] - 1
-        target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.long, device=logits.device)
+        target_classes = torch.full(
+            logits.shape[:2], num_classes, dtype=torch.long, device=logits.device
+        )
         for b, (q_idx, gt_idx) in enumerate(indices):
-            target_classes[b, q_idx.to(logits.device)] = targets[b]["labels"][gt_idx.to(logits.device)]
+            target_classes[b, q_idx.to(logits.device)] = targets[b]["labels"][
+                gt_idx.to(logits.device)
+            ]
         weight = torch.ones(num_classes + 1, device=logits.device, dtype=logits.dtype)
         weight[-1] = self.no_object_weight
         return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
 
     def loss_masks(self, mask_logits: Tensor, targets, indices: Indices, num_masks: float):
         """BCE and dice on importance-sampled points of the matched masks."""
-        src = torch.cat([mask_logits[b, q.to(mask_logits.device)] for b, (q, _) in enumerate(indices)])
+        src = torch.cat(
+            [mask_logits[b, q.to(mask_logits.device)] for b, (q, _) in enumerate(indices)]
+        )
         if src.shape[0] == 0:
             zero = mask_logits.sum() * 0.0  # keeps every parameter in the graph
             return zero, zero
-        tgt = torch.cat([targets[b]["masks"][g.to(mask_logits.device)] for b, (_, g) in enumerate(indices)])
+        tgt = torch.cat(
+            [targets[b]["masks"][g.to(mask_logits.device)] for b, (_, g) in enumerate(indices)]
+        )
         src, tgt = src[:, None], tgt[:, None].to(src.dtype)
         with torch.no_grad():
             coords = get_uncertain_point_coords_with_randomness(
-                src, _uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                src,
+                _uncertainty,
+                self.num_points,
+                self.oversample_ratio,
+                self.importance_sample_ratio,
             )
             labels = point_sample(tgt, coords, align_corners=False)[:, 0]
         point_logits = point_sample(src, coords, align_corners=False)[:, 0]
-        return sigmoid_bce_loss(point_logits, labels, num_masks), dice_loss(point_logits, labels, num_masks)
+        return sigmoid_bce_loss(point_logits, labels, num_masks), dice_loss(
+            point_logits, labels, num_masks
+        )
 
     def layer_losses(self, outputs: Dict[str, Tensor], targets, num_masks: float, suffix: str = ""):
         """Match one prediction and return ({"loss_ce"+suffix, ...} unweighted, indices)."""
@@ -123,8 +138,9 @@ class SetCriterion(nn.Module):
         }
         return losses, indices
 
-    def forward(self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]
-                ) -> Tuple[Dict[str, Tensor], Indices]:
+    def forward(
+        self, outputs: Dict, targets: Sequence[Dict[str, Tensor]]
+    ) -> Tuple[Dict[str, Tensor], Indices]:
         """
         Args:
             outputs: {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, h, w],

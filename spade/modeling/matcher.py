@@ -3,6 +3,7 @@
 Shape shorthand: B batch, Q queries, K classes (+1 no-object), N ground-truth segments of an image,
 P sampled points, h x w predicted-mask resolution, H x W target-mask resolution.
 """
+
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -51,8 +52,13 @@ class HungarianMatcher(nn.Module):
     shared by predictions and targets. Runs under ``no_grad``.
     """
 
-    def __init__(self, cost_class: float = 2.0, cost_mask: float = 5.0, cost_dice: float = 5.0,
-                 num_points: int = 12544):
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_mask: float = 5.0,
+        cost_dice: float = 5.0,
+        num_points: int = 12544,
+    ):
         super().__init__()
         if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
             raise ValueError("HungarianMatcher: all costs are 0")
@@ -61,7 +67,9 @@ class HungarianMatcher(nn.Module):
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
         self.num_points = num_points
 
-    def cost_matrix(self, logits: Tensor, mask_logits: Tensor, labels: Tensor, masks: Tensor) -> Tensor:
+    def cost_matrix(
+        self, logits: Tensor, mask_logits: Tensor, labels: Tensor, masks: Tensor
+    ) -> Tensor:
         """Cost of one image.
 
         Args:
@@ -74,16 +82,24 @@ class HungarianMatcher(nn.Module):
         probs = logits.float().softmax(-1)
         cost_class = -probs[:, labels]
         coords = torch.rand(1, self.num_points, 2, device=mask_logits.device)
-        tgt = point_sample(masks[:, None].float(), coords.expand(masks.shape[0], -1, -1),
-                           align_corners=False)[:, 0]
-        pred = point_sample(mask_logits[:, None].float(), coords.expand(mask_logits.shape[0], -1, -1),
-                            align_corners=False)[:, 0]
-        return (self.cost_mask * batch_bce_cost(pred, tgt) + self.cost_class * cost_class
-                + self.cost_dice * batch_dice_cost(pred, tgt))
+        tgt = point_sample(
+            masks[:, None].float(), coords.expand(masks.shape[0], -1, -1), align_corners=False
+        )[:, 0]
+        pred = point_sample(
+            mask_logits[:, None].float(),
+            coords.expand(mask_logits.shape[0], -1, -1),
+            align_corners=False,
+        )[:, 0]
+        return (
+            self.cost_mask * batch_bce_cost(pred, tgt)
+            + self.cost_class * cost_class
+            + self.cost_dice * batch_dice_cost(pred, tgt)
+        )
 
     @torch.no_grad()
-    def forward(self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]
-                ) -> List[Tuple[Tensor, Tensor]]:
+    def forward(
+        self, outputs: Dict[str, Tensor], targets: Sequence[Dict[str, Tensor]]
+    ) -> List[Tuple[Tensor, Tensor]]:
         """
         Args:
             outputs: {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, h, w]}.
@@ -94,7 +110,9 @@ class HungarianMatcher(nn.Module):
         """
         logits, mask_logits = outputs["pred_logits"], outputs["pred_masks"]
         if len(targets) != logits.shape[0]:
-            raise ValueError(f"HungarianMatcher: {logits.shape[0]} predictions, {len(targets)} targets")
+            raise ValueError(
+                f"HungarianMatcher: {logits.shape[0]} predictions, {len(targets)} targets"
+            )
         num_classes = logits.shape[-1] - 1
         indices = []
         for b, target in enumerate(targets):

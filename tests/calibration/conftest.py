@@ -1,4 +1,5 @@
 """Tiny diffusers models shared by the calibration tests."""
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel

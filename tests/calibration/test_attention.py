@@ -1,4 +1,5 @@
 """Cross-attention capture, token spans and role-map aggregation."""
+
 import pytest
 import torch
 from conftest import make_tiny_unet
@@ -87,7 +88,9 @@ def test_role_maps_and_normalisation_hand_values():
     out = role_maps(maps, [{"subject": [1, 2], "predicate": [3], "object": [4]}])
     assert torch.allclose(out[0, 0], torch.tensor([[0.5, 0.5], [0.0, 1.5]]))
     assert torch.equal(out[0, 1], torch.zeros(2, 2))
-    assert torch.allclose(normalize_maps(out, "max")[0, 0], torch.tensor([[1 / 3, 1 / 3], [0, 1.0]]))
+    assert torch.allclose(
+        normalize_maps(out, "max")[0, 0], torch.tensor([[1 / 3, 1 / 3], [0, 1.0]])
+    )
     assert torch.allclose(normalize_maps(out, "sum")[0, 2], torch.tensor([[0.5, 0.5], [0.0, 0.0]]))
     assert torch.equal(normalize_maps(out, "none"), out)
     assert role_maps(maps[:0], []).shape == (0, 3, 2, 2)

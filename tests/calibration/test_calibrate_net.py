@@ -1,4 +1,5 @@
 """The calibrate_net.py entry point: instant run, resume, two-process launch."""
+
 import importlib.util
 import json
 import os
@@ -72,6 +73,12 @@ def test_instant_calibration_lowers_loss_and_trains_only_lora_adapter(instant_ru
     assert last < 0.8 * first, (first, last)
     heldout = result["calibration"]["heldout_loss_cal"]
     assert 0 < heldout < 1 and result["calibration"]["heldout_triplets"] > 0
+    # the held-out L_cal of the untrained model (--eval-only, no weights loaded) is higher
+    script, _, _, _, data = instant_run
+    initial = script.main(
+        _args(script, out, data, "--eval-only", "CALIBRATION.NUM_VIS_IMAGES", "0")
+    )
+    assert heldout < initial["calibration"]["heldout_loss_cal"]
     assert any("calibration/heldout_loss_cal" in r for r in rows)
     # only LoRA (+ adapter) moved; the UNet's base weights are bit-identical
     unet = trainer.calibration_model.unet
@@ -84,7 +91,9 @@ def test_instant_calibration_lowers_loss_and_trains_only_lora_adapter(instant_ru
     assert max(v.abs().max().item() for k, v in tensors.items() if "lora_B" in k) > 0  # B left 0
     assert meta["iteration"] == "39" and meta["format"] == "spade-trainable-v1"
     assert os.listdir(os.path.join(out, "visualization"))
-    assert os.path.isfile(os.path.join(out, "teacher_maps", f"{trainer.train_items[0][0]['image_id']}.safetensors"))
+    assert os.path.isfile(
+        os.path.join(out, "teacher_maps", f"{trainer.train_items[0][0]['image_id']}.safetensors")
+    )
 
 
 def test_resume_continues_from_saved_iteration(instant_run):
@@ -108,8 +117,16 @@ def test_resume_continues_from_saved_iteration(instant_run):
     # --eval-only on the final weights reproduces the held-out L_cal of the end of training
     final_path = os.path.join(out, "model_final.safetensors")
     evaluated = script.main(
-        _args(script, out, data, "--eval-only", "MODEL.WEIGHTS", final_path,
-              "CALIBRATION.NUM_VIS_IMAGES", "0")
+        _args(
+            script,
+            out,
+            data,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            final_path,
+            "CALIBRATION.NUM_VIS_IMAGES",
+            "0",
+        )
     )
     assert evaluated["calibration"]["heldout_loss_cal"] == pytest.approx(
         resumed["calibration"]["heldout_loss_cal"], rel=1e-5
@@ -119,12 +136,28 @@ def test_resume_continues_from_saved_iteration(instant_run):
 def test_two_process_cpu_launch(instant_run, tmp_path):
     _, _, _, out, data = instant_run
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, SCRIPT, "--config-file", CONFIG, "--num-gpus", "2",
-           "--dist-url", "auto",
-           "DATASETS.SYNTHPSG.ROOT", data, "OUTPUT_DIR", str(tmp_path),
-           "CALIBRATION.CACHE_DIR", os.path.join(out, "teacher_maps"),
-           "SOLVER.MAX_ITER", "3", "SOLVER.CHECKPOINT_PERIOD", "100",
-           "CALIBRATION.NUM_VIS_IMAGES", "0"]
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        "--config-file",
+        CONFIG,
+        "--num-gpus",
+        "2",
+        "--dist-url",
+        "auto",
+        "DATASETS.SYNTHPSG.ROOT",
+        data,
+        "OUTPUT_DIR",
+        str(tmp_path),
+        "CALIBRATION.CACHE_DIR",
+        os.path.join(out, "teacher_maps"),
+        "SOLVER.MAX_ITER",
+        "3",
+        "SOLVER.CHECKPOINT_PERIOD",
+        "100",
+        "CALIBRATION.NUM_VIS_IMAGES",
+        "0",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = open(os.path.join(tmp_path, "log.txt")).read()

@@ -1,4 +1,5 @@
 """DDIM / BELM inversion and sampling on a tiny float64 UNet."""
+
 import pytest
 import torch
 from conftest import make_scheduler, make_tiny_unet
@@ -36,7 +37,9 @@ def test_belm_exact_and_ddim_approximate():
     assert _rel(belm.noise, x0) > 0.5
     # dispatchers give the same results
     assert torch.equal(inv.invert("belm", eps_fn, x0, grid).noise, belm.noise)
-    assert torch.equal(inv.sample("ddim", eps_fn, ddim, grid), inv.ddim_sample(eps_fn, ddim.noise, grid))
+    assert torch.equal(
+        inv.sample("ddim", eps_fn, ddim, grid), inv.ddim_sample(eps_fn, ddim.noise, grid)
+    )
 
 
 def test_grid_matches_diffusers_ddim_step():
@@ -67,7 +70,9 @@ def test_belm_coefficients_hand_values():
     assert torch.isclose(c_cur, (h2**2 - h1**2) / h2**2 * a[0] / a[1])
     assert torch.isclose(c_eps, h1 * (h1 + h2) / h2 * a[0])
     # a constant eps makes every sampler exact: x_t = alpha_t x0 + sigma_t eps
-    x0, e = torch.ones(1, 1, 2, 2, dtype=torch.float64), torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64)
+    x0, e = torch.ones(1, 1, 2, 2, dtype=torch.float64), torch.full(
+        (1, 1, 2, 2), 0.5, dtype=torch.float64
+    )
     fn = lambda x, t, i: e  # noqa: E731
     res = inv.belm_invert(fn, x0, grid)
     assert torch.allclose(res.noise, a[3] * x0 + s[3] * e)

@@ -1,4 +1,5 @@
 """Teacher maps, their cache, L_cal and the student."""
+
 import os
 
 import pytest
@@ -27,9 +28,12 @@ def test_calibration_loss_hand_values():
 
 
 def test_triplet_names():
-    record = {"image_id": "3", "file_name": "x.png",
-              "segments_info": [{"category_id": 0}, {"category_id": 2}],
-              "relations": [[0, 1, 1], [1, 0, 0]]}
+    record = {
+        "image_id": "3",
+        "file_name": "x.png",
+        "segments_info": [{"category_id": 0}, {"category_id": 2}],
+        "relations": [[0, 1, 1], [1, 0, 0]],
+    }
     classes, preds = ["circle", "square", "sky"], ["left of", "above"]
     assert triplet_names(record, classes, preds, 1) == [("circle", "above", "sky")]
     assert triplet_names(dict(record, relations=[]), classes, preds, 4) == []
@@ -98,15 +102,25 @@ def test_teacher_ignores_lora_and_student_trains_only_lora_and_adapter(model_and
     with torch.no_grad():
         for p, s in zip(lora, saved):
             p.copy_(s)
-    batch = [{"image": image[0], "triplets": TRIPLETS, "teacher_maps": teacher, "image_id": "a"},
-             {"image": image[0], "triplets": [], "teacher_maps": torch.zeros(0, 3, 8, 8),
-              "image_id": "b"}]
+    batch = [
+        {"image": image[0], "triplets": TRIPLETS, "teacher_maps": teacher, "image_id": "a"},
+        {
+            "image": image[0],
+            "triplets": [],
+            "teacher_maps": torch.zeros(0, 3, 8, 8),
+            "image_id": "b",
+        },
+    ]
     loss = model(batch)["loss_cal"]
     assert loss.item() > 0
     model.zero_grad()
     loss.backward()
-    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    assert with_grad and all(".lora_" in n or n.startswith("implicit_text.adapter") for n in with_grad)
+    with_grad = {
+        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
+    assert with_grad and all(
+        ".lora_" in n or n.startswith("implicit_text.adapter") for n in with_grad
+    )
     assert any(n.startswith("implicit_text.adapter") for n in with_grad)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if ".lora_" in n or "adapter" in n}
@@ -150,10 +164,26 @@ def test_full_finetuning_ablation_trains_attn2_only(tmp_path):
     assert loss.item() > 0
     gen = model.teacher
     with pytest.raises(ValueError, match="CALIBRATION.NOISE"):  # checked before anything is built
-        type(gen)(unet=gen.unet, vae=gen.vae, latent_scale=1.0, scheduler=None,
-                  encode_text=gen.encode_text, encode_ids=gen.encode_ids, context_length=77,
-                  num_steps=3, noise="zeros")
+        type(gen)(
+            unet=gen.unet,
+            vae=gen.vae,
+            latent_scale=1.0,
+            scheduler=None,
+            encode_text=gen.encode_text,
+            encode_ids=gen.encode_ids,
+            context_length=77,
+            num_steps=3,
+            noise="zeros",
+        )
     with pytest.raises(ValueError, match="CAPTURE_TIMESTEPS"):
-        type(gen)(unet=gen.unet, vae=gen.vae, latent_scale=1.0, scheduler=None,
-                  encode_text=gen.encode_text, encode_ids=gen.encode_ids, context_length=77,
-                  num_steps=3, capture_steps=[4])
+        type(gen)(
+            unet=gen.unet,
+            vae=gen.vae,
+            latent_scale=1.0,
+            scheduler=None,
+            encode_text=gen.encode_text,
+            encode_ids=gen.encode_ids,
+            context_length=77,
+            num_steps=3,
+            capture_steps=[4],
+        )

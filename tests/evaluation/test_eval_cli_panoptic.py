@@ -3,7 +3,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 from psg_eval_cases import make_dataset  # noqa: F401 (pytest fixture)
 from psg_eval_cases import IMAGE_A, PREDICATES, STUFF, THINGS, make_output, seg_a

@@ -1,4 +1,5 @@
 """Set criterion: hand-computed losses, empty ground truth, deep supervision weights, gradients."""
+
 import math
 
 import pytest
@@ -9,11 +10,16 @@ from spade.modeling.matcher import HungarianMatcher
 
 
 def _criterion(num_aux=0, **kw):
-    return SetCriterion(matcher=HungarianMatcher(num_points=64), num_points=64, num_aux_outputs=num_aux, **kw)
+    return SetCriterion(
+        matcher=HungarianMatcher(num_points=64), num_points=64, num_aux_outputs=num_aux, **kw
+    )
 
 
 def _empty(size=8):
-    return {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, size, size, dtype=torch.bool)}
+    return {
+        "labels": torch.zeros(0, dtype=torch.long),
+        "masks": torch.zeros(0, size, size, dtype=torch.bool),
+    }
 
 
 def test_point_losses_hand_computed():
@@ -28,7 +34,9 @@ def test_empty_ground_truth():
     torch.manual_seed(0)
     logits = torch.zeros(1, 3, 5, requires_grad=True)  # K = 4 classes + no-object
     masks = torch.randn(1, 3, 4, 4, requires_grad=True)
-    losses, indices = _criterion(class_weight=2.0)({"pred_logits": logits, "pred_masks": masks}, [_empty()])
+    losses, indices = _criterion(class_weight=2.0)(
+        {"pred_logits": logits, "pred_masks": masks}, [_empty()]
+    )
     # all queries target no-object; uniform logits: CE = log(5), weighted by class_weight 2
     assert losses["loss_ce"].item() == pytest.approx(2 * math.log(5), rel=1e-6)
     assert losses["loss_mask"].item() == 0.0 and losses["loss_dice"].item() == 0.0
@@ -54,7 +62,9 @@ def test_perfect_prediction_has_small_losses_and_no_object_weight():
         assert losses[name].item() < 0.5 * inverted[name].item()
     # a wrong no-object query costs little with no_object_weight 0.1: CE = weighted mean
     logits[0, 2, 3], logits[0, 2, 0] = -30.0, 30.0
-    losses = _criterion(no_object_weight=0.1)({"pred_logits": logits, "pred_masks": pred_masks}, targets)[0]
+    losses = _criterion(no_object_weight=0.1)(
+        {"pred_logits": logits, "pred_masks": pred_masks}, targets
+    )[0]
     assert losses["loss_ce"].item() == pytest.approx(2 * 0.1 * 60 / 2.1, rel=1e-4)
 
 
@@ -62,9 +72,15 @@ def test_deep_supervision_weight_dict_and_aux_losses():
     torch.manual_seed(0)
     crit = _criterion(num_aux=2, class_weight=2.0, mask_weight=5.0, dice_weight=5.0)
     assert crit.weight_dict == {
-        "loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0,
-        "loss_ce_0": 2.0, "loss_mask_0": 5.0, "loss_dice_0": 5.0,
-        "loss_ce_1": 2.0, "loss_mask_1": 5.0, "loss_dice_1": 5.0,
+        "loss_ce": 2.0,
+        "loss_mask": 5.0,
+        "loss_dice": 5.0,
+        "loss_ce_0": 2.0,
+        "loss_mask_0": 5.0,
+        "loss_dice_0": 5.0,
+        "loss_ce_1": 2.0,
+        "loss_mask_1": 5.0,
+        "loss_dice_1": 5.0,
     }
     out = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": torch.zeros(1, 2, 4, 4)}
     outputs = {**out, "aux_outputs": [dict(out), dict(out)]}

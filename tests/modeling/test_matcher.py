@@ -1,10 +1,16 @@
 """Hungarian matcher: hand-made costs, known assignments, empty ground truth, bad input."""
+
 import math
 
 import pytest
 import torch
 
-from spade.modeling.matcher import HungarianMatcher, assignment_from_cost, batch_bce_cost, batch_dice_cost
+from spade.modeling.matcher import (
+    HungarianMatcher,
+    assignment_from_cost,
+    batch_bce_cost,
+    batch_dice_cost,
+)
 
 
 def test_assignment_on_hand_made_costs():
@@ -12,7 +18,9 @@ def test_assignment_on_hand_made_costs():
     rows, cols = assignment_from_cost(cost)
     assert rows.tolist() == [0, 1, 2] and cols.tolist() == [1, 0, 2]  # total 1 + 2 + 2 = 5
     # more queries than targets: the cheapest queries get the targets
-    rows, cols = assignment_from_cost(torch.tensor([[9.0, 9.0], [1.0, 5.0], [5.0, 1.0], [2.0, 2.0]]))
+    rows, cols = assignment_from_cost(
+        torch.tensor([[9.0, 9.0], [1.0, 5.0], [5.0, 1.0], [2.0, 2.0]])
+    )
     assert rows.tolist() == [1, 2] and cols.tolist() == [0, 1]
 
 
@@ -49,23 +57,31 @@ def test_matcher_recovers_a_known_permutation():
         logits[0, q] = 0.0
         logits[0, q, labels[t]] = 5.0
     matcher = HungarianMatcher(cost_class=2, cost_mask=5, cost_dice=5, num_points=200)
-    [(q_idx, t_idx)] = matcher({"pred_logits": logits, "pred_masks": pred_masks}, [{"labels": labels, "masks": gt}])
+    [(q_idx, t_idx)] = matcher(
+        {"pred_logits": logits, "pred_masks": pred_masks}, [{"labels": labels, "masks": gt}]
+    )
     assert q_idx.tolist() == [0, 1, 2] and t_idx.tolist() == perm
 
 
 def test_matcher_empty_ground_truth_and_bad_input():
     torch.manual_seed(0)
     outputs = {"pred_logits": torch.zeros(2, 4, 3), "pred_masks": torch.zeros(2, 4, 8, 8)}
-    empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 8, 8, dtype=torch.bool)}
+    empty = {
+        "labels": torch.zeros(0, dtype=torch.long),
+        "masks": torch.zeros(0, 8, 8, dtype=torch.bool),
+    }
     one = {"labels": torch.tensor([1]), "masks": torch.ones(1, 8, 8, dtype=torch.bool)}
     result = HungarianMatcher(num_points=10)(outputs, [empty, one])
     assert result[0][0].numel() == 0 and result[0][1].numel() == 0
     assert len(result[1][0]) == 1 and result[1][1].tolist() == [0]
     with pytest.raises(ValueError, match="outside"):
-        HungarianMatcher(num_points=10)(outputs, [empty, {"labels": torch.tensor([2]), "masks": one["masks"]}])
+        HungarianMatcher(num_points=10)(
+            outputs, [empty, {"labels": torch.tensor([2]), "masks": one["masks"]}]
+        )
     with pytest.raises(ValueError, match="1 labels but 2 masks"):
         HungarianMatcher(num_points=10)(
-            outputs, [empty, {"labels": torch.tensor([0]), "masks": torch.ones(2, 8, 8, dtype=torch.bool)}]
+            outputs,
+            [empty, {"labels": torch.tensor([0]), "masks": torch.ones(2, 8, 8, dtype=torch.bool)}],
         )
     with pytest.raises(ValueError, match="2 predictions, 1 targets"):
         HungarianMatcher(num_points=10)(outputs, [empty])

@@ -1,5 +1,7 @@
 """SPADE meta-architecture: losses, gradients reach trainable parts only, panoptic inference, vocabulary,
-relation-head plumbing; any detectron2 backbone (a tiny ResNet here) and the TINY diffusion backbone."""
+relation-head plumbing; any detectron2 backbone (a tiny ResNet here) and the TINY diffusion backbone.
+"""
+
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -13,7 +15,9 @@ from spade.modeling.meta_arch import panoptic_inference
 
 THINGS, STUFF, PREDICATES = ["disc", "box", "star"], ["sky", "grass"], ["left of", "above", "on"]
 DATASET = "spade_test_meta_arch"
-MetadataCatalog.get(DATASET).set(thing_classes=THINGS, stuff_classes=STUFF, predicate_classes=PREDICATES)
+MetadataCatalog.get(DATASET).set(
+    thing_classes=THINGS, stuff_classes=STUFF, predicate_classes=PREDICATES
+)
 
 
 def tiny_cfg(backbone="resnet", relation=False, open_vocab=False):
@@ -33,7 +37,14 @@ def tiny_cfg(backbone="resnet", relation=False, open_vocab=False):
         cfg.MODEL.BACKBONE.NAME = "build_diffusion_backbone"
         cfg.MODEL.SPADE.DIFFUSION.OUT_CHANNELS = 32
     p = cfg.MODEL.SPADE.PIXEL_DECODER
-    p.CONVS_DIM, p.MASK_DIM, p.ENCODER_LAYERS, p.NHEADS, p.NPOINTS, p.DIM_FEEDFORWARD = 32, 32, 1, 4, 2, 64
+    p.CONVS_DIM, p.MASK_DIM, p.ENCODER_LAYERS, p.NHEADS, p.NPOINTS, p.DIM_FEEDFORWARD = (
+        32,
+        32,
+        1,
+        4,
+        2,
+        64,
+    )
     m = cfg.MODEL.SPADE.MASK_HEAD
     m.NUM_OBJECT_QUERIES, m.HIDDEN_DIM, m.NHEADS, m.DIM_FEEDFORWARD, m.DEC_LAYERS = 8, 32, 4, 64, 3
     m.TRAIN_NUM_POINTS, m.OPEN_VOCAB = 128, open_vocab
@@ -51,8 +62,11 @@ def make_input(gen, num_segments, size=(64, 48), out_size=None, relations=True):
     rel = [[0, 1, 2]] if relations and num_segments >= 2 else []
     return {
         "image": torch.randint(0, 256, (3, h, w), generator=gen, dtype=torch.uint8),
-        "height": (out_size or size)[0], "width": (out_size or size)[1], "image_id": f"img{num_segments}",
-        "instances": inst, "gt_relations": torch.tensor(rel, dtype=torch.long).view(-1, 3),
+        "height": (out_size or size)[0],
+        "width": (out_size or size)[1],
+        "image_id": f"img{num_segments}",
+        "instances": inst,
+        "gt_relations": torch.tensor(rel, dtype=torch.long).view(-1, 3),
     }
 
 
@@ -96,6 +110,19 @@ def test_diffusion_backbone_open_vocab_gradients_reach_trainable_only():
     grads_reach_trainable_only(model, losses)
     assert all(not p.requires_grad for p in model.backbone.unet.parameters() if p.grad is None)
     assert model.classifier.cosine.background.grad is not None
+    # inference fuses the CLIP mask-pooled branch: still a distribution, no-object kept as is
+    model.eval()
+    assert model.use_clip_branch
+    images = model.preprocess_image([make_input(gen, 1)])
+    with torch.no_grad():
+        outputs = model.predict(images)
+        clip_features = model.backbone.clip_dense_features(images.tensor)
+        fused = model.class_probabilities(outputs, clip_features)
+        plain = model.class_probabilities(outputs, None)
+        check_panoptic(model([make_input(gen, 1, out_size=(32, 24))])[0], 32, 24, 5)
+    torch.testing.assert_close(fused.sum(-1), torch.ones(fused.shape[:2]))
+    torch.testing.assert_close(fused[..., -1], plain[..., -1])
+    assert not torch.allclose(fused, plain)
 
 
 def test_inference_output_at_original_size_and_empty_result():
@@ -119,14 +146,16 @@ def test_inference_output_at_original_size_and_empty_result():
 
 def test_panoptic_inference_hand_made():
     # 4 x 4 image; classes: 0 thing, 1 thing, 2 stuff (+ no-object 3)
-    probs = torch.tensor([
-        [0.90, 0.05, 0.03, 0.02],  # q0 thing 0: left half
-        [0.02, 0.02, 0.90, 0.06],  # q1 stuff 2: right half, top
-        [0.02, 0.02, 0.85, 0.11],  # q2 stuff 2: right half, bottom -> merged with q1
-        [0.01, 0.01, 0.01, 0.97],  # q3 no-object -> dropped
-        [0.05, 0.85, 0.05, 0.05],  # q4 thing 1: inside q0 with a lower score -> loses overlap
-        [0.10, 0.70, 0.10, 0.10],  # q5 below object_mask_threshold -> dropped
-    ])
+    probs = torch.tensor(
+        [
+            [0.90, 0.05, 0.03, 0.02],  # q0 thing 0: left half
+            [0.02, 0.02, 0.90, 0.06],  # q1 stuff 2: right half, top
+            [0.02, 0.02, 0.85, 0.11],  # q2 stuff 2: right half, bottom -> merged with q1
+            [0.01, 0.01, 0.01, 0.97],  # q3 no-object -> dropped
+            [0.05, 0.85, 0.05, 0.05],  # q4 thing 1: inside q0 with a lower score -> loses overlap
+            [0.10, 0.70, 0.10, 0.10],  # q5 below object_mask_threshold -> dropped
+        ]
+    )
     masks = torch.full((6, 4, 4), -10.0)
     masks[0, :, :2] = 10
     masks[1, :2, 2:] = 10
@@ -134,8 +163,9 @@ def test_panoptic_inference_hand_made():
     masks[3] = 10
     masks[4, :2, :2] = 10
     masks[5, 3, :] = 10
-    seg, info, q2s = panoptic_inference(probs, masks, [True, True, False],
-                                        object_mask_threshold=0.8, overlap_threshold=0.8)
+    seg, info, q2s = panoptic_inference(
+        probs, masks, [True, True, False], object_mask_threshold=0.8, overlap_threshold=0.8
+    )
     expected = torch.tensor([[1, 1, 2, 2]] * 4, dtype=torch.int32)
     assert torch.equal(seg, expected)
     assert info == [
@@ -144,13 +174,20 @@ def test_panoptic_inference_hand_made():
     ]
     assert q2s.tolist() == [1, 2, 2, 0, 0, 0]
     # all no-object: nothing kept
-    seg, info, q2s = panoptic_inference(probs[3:4], masks[3:4], [True, True, False],
-                                        object_mask_threshold=0.8, overlap_threshold=0.8)
+    seg, info, q2s = panoptic_inference(
+        probs[3:4],
+        masks[3:4],
+        [True, True, False],
+        object_mask_threshold=0.8,
+        overlap_threshold=0.8,
+    )
     assert info == [] and int(seg.sum()) == 0 and q2s.tolist() == [0]
     with pytest.raises(ValueError, match="is_thing"):
         panoptic_inference(probs, masks, [True], object_mask_threshold=0.8, overlap_threshold=0.8)
     with pytest.raises(ValueError, match="masks"):
-        panoptic_inference(probs, masks[:2], [True] * 3, object_mask_threshold=0.8, overlap_threshold=0.8)
+        panoptic_inference(
+            probs, masks[:2], [True] * 3, object_mask_threshold=0.8, overlap_threshold=0.8
+        )
 
 
 def test_vocabulary_replacement():

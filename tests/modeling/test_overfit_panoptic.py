@@ -1,19 +1,29 @@
-"""The tiny SPADE model (TINY diffusion backbone, small head) overfits 4 SynthPSG images: PQ on those
-images far above chance after 100 iterations on one CPU core."""
+"""The tiny SPADE model (TINY diffusion backbone, open-vocabulary cosine classifier, small head)
+overfits 4 SynthPSG images: PQ on those images far above chance after 100 iterations on one CPU
+core. And the instant config trains and evaluates through projects/SPADE/train_net.py."""
+
+import importlib.util
+import json
+import os
+
 import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 
 import spade.modeling  # noqa: F401  (registers SPADE, the backbone and the heads)
 from spade.config import add_spade_config
 from spade.data.dataset_mapper import build_dataset_mapper
+from spade.data.datasets.builtin import register_all_synthpsg
 from spade.data.datasets.synthetic import register_synthpsg
 from spade.data.synthpsg import ensure_synthpsg
 from spade.evaluation.panoptic import encode_panoptic_png, panoptic_quality
 
-CONFIG = "configs/synthetic/spade_tiny_synthpsg.yaml"
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+CONFIG = os.path.join(REPO, "configs", "synthetic", "spade_tiny_synthpsg.yaml")
+INSTANT_CONFIG = os.path.join(REPO, "configs", "quick_schedules", "spade_instant_test.yaml")
 PREFIX = "synthpsg_overfit"
 
 
@@ -21,19 +31,38 @@ def overfit_cfg(root):
     cfg = get_cfg()
     add_spade_config(cfg)
     cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list([
-        "DATASETS.TRAIN", (f"{PREFIX}_train",), "DATASETS.TEST", (f"{PREFIX}_train",),
-        "DATASETS.SYNTHPSG.ROOT", root,
-        "MODEL.SPADE.RELATION.ENABLED", False,
-        "MODEL.SPADE.MASK_HEAD.OPEN_VOCAB", False,
-        "MODEL.SPADE.MASK_HEAD.NUM_OBJECT_QUERIES", 12,
-        "MODEL.SPADE.MASK_HEAD.DEC_LAYERS", 3,
-        "MODEL.SPADE.MASK_HEAD.TRAIN_NUM_POINTS", 256,
-        "MODEL.SPADE.PIXEL_DECODER.ENCODER_LAYERS", 1,
-        "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD", 0.5,
-        "INPUT.IMAGE_SIZE", 64, "INPUT.MIN_SCALE", 1.0, "INPUT.MAX_SCALE", 1.0,
-        "INPUT.RANDOM_FLIP", "none",
-    ])
+    cfg.merge_from_list(
+        [
+            "DATASETS.TRAIN",
+            (f"{PREFIX}_train",),
+            "DATASETS.TEST",
+            (f"{PREFIX}_train",),
+            "DATASETS.SYNTHPSG.ROOT",
+            root,
+            "MODEL.SPADE.RELATION.ENABLED",
+            False,
+            "MODEL.SPADE.OPEN_VOCAB.USE_CLIP_BRANCH",  # the random TINY CLIP knows no classes
+            False,
+            "MODEL.SPADE.MASK_HEAD.NUM_OBJECT_QUERIES",
+            12,
+            "MODEL.SPADE.MASK_HEAD.DEC_LAYERS",
+            3,
+            "MODEL.SPADE.MASK_HEAD.TRAIN_NUM_POINTS",
+            256,
+            "MODEL.SPADE.PIXEL_DECODER.ENCODER_LAYERS",
+            1,
+            "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD",
+            0.5,
+            "INPUT.IMAGE_SIZE",
+            64,
+            "INPUT.MIN_SCALE",
+            1.0,
+            "INPUT.MAX_SCALE",
+            1.0,
+            "INPUT.RANDOM_FLIP",
+            "none",
+        ]
+    )
     return cfg
 
 
@@ -48,9 +77,18 @@ def panoptic_quality_of(model, cfg, dicts):
             preds.append({"image_id": d["image_id"], "png": png, "segments_info": kept})
     meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
     names = meta.thing_classes + meta.stuff_classes
-    cats = [{"id": i, "name": n, "isthing": int(i < len(meta.thing_classes))} for i, n in enumerate(names)]
-    gts = [{"image_id": d["image_id"], "file_name": d["pan_seg_file_name"],
-            "segments_info": d["segments_info"]} for d in dicts]
+    cats = [
+        {"id": i, "name": n, "isthing": int(i < len(meta.thing_classes))}
+        for i, n in enumerate(names)
+    ]
+    gts = [
+        {
+            "image_id": d["image_id"],
+            "file_name": d["pan_seg_file_name"],
+            "segments_info": d["segments_info"],
+        }
+        for d in dicts
+    ]
     return panoptic_quality(gts, preds, cats)
 
 
@@ -86,10 +124,7 @@ def test_tiny_model_overfits_four_images(synthpsg_root):
 
 
 def _load_train_net():
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "projects", "SPADE", "train_net.py")
+    path = os.path.join(REPO, "projects", "SPADE", "train_net.py")
     spec = importlib.util.spec_from_file_location("spade_train_net", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -97,15 +132,9 @@ def _load_train_net():
 
 
 def test_instant_config_trains_and_evaluates_through_train_net(tmp_path):
-    import json
-
-    from detectron2.engine import default_argument_parser
-
-    from spade.data.datasets.builtin import register_all_synthpsg
-
     train_net = _load_train_net()
     out, root = str(tmp_path / "out"), str(tmp_path / "synthpsg")
-    common = ["--config-file", "configs/quick_schedules/spade_instant_test.yaml"]
+    common = ["--config-file", INSTANT_CONFIG]
     opts = ["OUTPUT_DIR", out, "DATASETS.SYNTHPSG.ROOT", root]
     try:
         train_net.main(default_argument_parser().parse_args(common + opts))

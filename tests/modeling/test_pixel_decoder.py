@@ -1,11 +1,16 @@
 """Pixel decoder: deformable attention against a naive bilinear reference, encoder geometry, shapes."""
+
 import math
 
 import pytest
 import torch
 from detectron2.layers import ShapeSpec
 
-from spade.modeling.pixel_decoder import MSDeformAttn, MSDeformAttnPixelDecoder, ms_deform_attn_sample
+from spade.modeling.pixel_decoder import (
+    MSDeformAttn,
+    MSDeformAttnPixelDecoder,
+    ms_deform_attn_sample,
+)
 from spade.modeling.pixel_decoder.encoder import flatten_levels, reference_points
 
 
@@ -47,7 +52,7 @@ def test_deformable_attention_matches_naive_reference():
     value = torch.randn(2, 16, 2, 3, generator=g, dtype=torch.float64)
     locations = torch.rand(2, 3, 2, 2, 4, 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
     weights = torch.rand(2, 3, 2, 2, 4, generator=g, dtype=torch.float64)
-    weights = (weights / weights.sum((-1, -2), keepdim=True))
+    weights = weights / weights.sum((-1, -2), keepdim=True)
     fast = ms_deform_attn_sample(value, shapes, locations, weights)
     slow = naive_ms_deform_attn(value, shapes, locations, weights)
     assert fast.shape == (2, 3, 6)
@@ -57,11 +62,15 @@ def test_deformable_attention_matches_naive_reference():
 def test_sampling_at_pixel_centre_reads_that_pixel():
     value = torch.arange(6, dtype=torch.float32).view(1, 6, 1, 1)  # one level 2 x 3, values 0..5
     shapes = torch.tensor([[2, 3]])
-    loc = torch.tensor([[(2 + 0.5) / 3, (1 + 0.5) / 2]]).view(1, 1, 1, 1, 1, 2)  # pixel (row 1, col 2)
+    loc = torch.tensor([[(2 + 0.5) / 3, (1 + 0.5) / 2]]).view(
+        1, 1, 1, 1, 1, 2
+    )  # pixel (row 1, col 2)
     out = ms_deform_attn_sample(value, shapes, loc, torch.ones(1, 1, 1, 1, 1))
     assert out.item() == pytest.approx(5.0)
     loc_mid = torch.tensor([[0.5, 0.5]]).view(1, 1, 1, 1, 1, 2)  # between (0,1),(1,1): (1 + 4) / 2
-    assert ms_deform_attn_sample(value, shapes, loc_mid, torch.ones(1, 1, 1, 1, 1)).item() == pytest.approx(2.5)
+    assert ms_deform_attn_sample(
+        value, shapes, loc_mid, torch.ones(1, 1, 1, 1, 1)
+    ).item() == pytest.approx(2.5)
 
 
 def test_module_with_zero_offsets_projects_the_reference_value():
@@ -88,7 +97,12 @@ def test_reference_points_are_pixel_centres():
 def test_module_rejects_mismatched_shapes():
     attn = MSDeformAttn(d_model=8, n_levels=1, n_heads=2, n_points=1)
     with pytest.raises(ValueError, match="spatial_shapes"):
-        attn(torch.randn(1, 2, 8), torch.rand(1, 2, 1, 2), torch.randn(1, 5, 8), torch.tensor([[2, 3]]))
+        attn(
+            torch.randn(1, 2, 8),
+            torch.rand(1, 2, 1, 2),
+            torch.randn(1, 5, 8),
+            torch.tensor([[2, 3]]),
+        )
     with pytest.raises(ValueError, match="divisible"):
         MSDeformAttn(d_model=10, n_heads=4)
 
@@ -103,9 +117,17 @@ SHAPES = {
 
 def _decoder(common_stride=4, deformable=("res3", "res4", "res5")):
     return MSDeformAttnPixelDecoder(
-        input_shape=SHAPES, deformable_in_features=list(deformable), conv_dim=32, mask_dim=16,
-        norm="GN", common_stride=common_stride, encoder_layers=1, nheads=4, npoints=2,
-        dim_feedforward=32, dropout=0.0,
+        input_shape=SHAPES,
+        deformable_in_features=list(deformable),
+        conv_dim=32,
+        mask_dim=16,
+        norm="GN",
+        common_stride=common_stride,
+        encoder_layers=1,
+        nheads=4,
+        npoints=2,
+        dim_feedforward=32,
+        dropout=0.0,
     )
 
 
@@ -113,7 +135,9 @@ def _decoder(common_stride=4, deformable=("res3", "res4", "res5")):
 def test_pixel_decoder_shapes(stride):
     torch.manual_seed(0)
     decoder = _decoder(stride)
-    feats = {k: torch.randn(2, v.channels, 64 // v.stride, 96 // v.stride) for k, v in SHAPES.items()}
+    feats = {
+        k: torch.randn(2, v.channels, 64 // v.stride, 96 // v.stride) for k, v in SHAPES.items()
+    }
     mask_features, multi_scale = decoder.forward_features(feats)
     assert mask_features.shape == (2, 16, 64 // stride, 96 // stride)
     assert [tuple(m.shape) for m in multi_scale] == [(2, 32, 2, 3), (2, 32, 4, 6), (2, 32, 8, 12)]

@@ -1,4 +1,5 @@
 """Relation targets follow the matcher; L_rel and L_rqc on hand-computed cases."""
+
 import math
 
 import pytest
@@ -32,7 +33,9 @@ def test_empty_relations_and_empty_matches():
 
 def test_predicate_outside_training_vocabulary_raises():
     with pytest.raises(ValueError, match=r"targets\[1\].*predicate index 4.*size 4"):
-        relation_targets(torch.tensor([[0, 1, 4]]), torch.tensor([0, 1]), torch.tensor([0, 1]), 4, 1)
+        relation_targets(
+            torch.tensor([[0, 1, 4]]), torch.tensor([0, 1]), torch.tensor([0, 1]), 4, 1
+        )
     with pytest.raises(ValueError, match=r"\[R, 3\]"):
         relation_targets(torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([0]), 4)
     with pytest.raises(ValueError, match="negative"):
@@ -43,7 +46,10 @@ def test_unselected_gt_pairs_are_added():
     selected = torch.tensor([[0, 1], [1, 0]])
     gt = torch.tensor([[1, 0], [2, 3], [2, 3]])
     assert add_target_pairs(selected, gt, 4).tolist() == [[0, 1], [1, 0], [2, 3]]
-    assert add_target_pairs(selected, torch.zeros(0, 2, dtype=torch.long), 4).tolist() == [[0, 1], [1, 0]]
+    assert add_target_pairs(selected, torch.zeros(0, 2, dtype=torch.long), 4).tolist() == [
+        [0, 1],
+        [1, 0],
+    ]
 
 
 def test_predicate_targets_soft_labels_and_no_relation():
@@ -53,7 +59,9 @@ def test_predicate_targets_soft_labels_and_no_relation():
     rows = predicate_targets(pairs, gt_pairs, gt_predicates, 3)
     expected = [[0.5, 0, 0.5, 0], [0, 0, 0, 1], [0, 1, 0, 0]]
     assert torch.allclose(rows, torch.tensor(expected))
-    empty = predicate_targets(pairs, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3)
+    empty = predicate_targets(
+        pairs, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long), 3
+    )
     assert empty[:, 3].tolist() == [1, 1, 1]
 
 
@@ -64,13 +72,17 @@ def test_relation_loss_hand_values():
     logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     a = -math.log(math.e**2 / (math.e**2 + 2))  # positive row
     b = -math.log(math.e / (math.e + 2))  # no-relation row, weight 0.1
-    assert relation_loss(logits, targets, 0.1).item() == pytest.approx((a + 0.1 * b) / 1.1, rel=1e-6)
+    assert relation_loss(logits, targets, 0.1).item() == pytest.approx(
+        (a + 0.1 * b) / 1.1, rel=1e-6
+    )
     with pytest.raises(ValueError):
         relation_loss(logits, targets[:1], 0.1)
 
 
 def test_rqc_loss_hand_value_and_lower_when_gt_ranked_first():
-    s = torch.tensor([[0.0, 2.0], [0.0, 0.0]])  # pair (0, 1) logit 2, the only negative (1, 0) logit 0
+    s = torch.tensor(
+        [[0.0, 2.0], [0.0, 0.0]]
+    )  # pair (0, 1) logit 2, the only negative (1, 0) logit 0
     loss, n = rqc_loss(s, torch.tensor([[0, 1]]))
     assert n == 1 and loss.item() == pytest.approx(math.log(1 + math.exp(-2)), rel=1e-6)
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
 """Spatial-semantic graph G on hand-made masks and features."""
+
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from spade.modeling.relation.graph import (
 
 
 def _box_logits(boxes, size=32):
-    """Mask logits [1, Q, size, size]: +10 inside each (x0, y0, x1, y1) box (exclusive end), else -10."""
+    """Mask logits [1, Q, size, size]: +10 inside each (x0, y0, x1, y1) box (end exclusive), else
+    -10."""
     logits = torch.full((1, len(boxes), size, size), -10.0)
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         logits[0, i, y0:y1, x0:x1] = 10.0
@@ -56,7 +58,9 @@ def test_masks_are_downsampled_to_graph_resolution():
     big = [(2 * a, 2 * b, 2 * c, 2 * d) for a, b, c, d in TOUCHING_AND_DISTANT]
     logits = _box_logits(big, size=64)
     assert binary_masks_at(logits, 32).shape == (1, 3, 32, 32)
-    assert torch.equal(binary_masks_at(logits, 32), binary_masks_at(_box_logits(TOUCHING_AND_DISTANT), 32))
+    assert torch.equal(
+        binary_masks_at(logits, 32), binary_masks_at(_box_logits(TOUCHING_AND_DISTANT), 32)
+    )
     assert _graph(logits, ORTHOGONAL) == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]
 
 

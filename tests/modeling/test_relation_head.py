@@ -1,4 +1,5 @@
 """RGTRelationHead / PairMLPRelationHead built from configs: training, inference, switches."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -42,10 +43,14 @@ def _inputs(seed=0, q=Q, num_predicates=4):
 
 
 def _targets():
-    targets = [{"gt_relations": torch.tensor([[0, 1, 2], [1, 2, 0], [0, 1, 3]])},
-               {"gt_relations": torch.zeros(0, 3, dtype=torch.long)}]
-    matches = [(torch.tensor([4, 0, 2]), torch.tensor([0, 1, 2])),
-               (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))]
+    targets = [
+        {"gt_relations": torch.tensor([[0, 1, 2], [1, 2, 0], [0, 1, 3]])},
+        {"gt_relations": torch.zeros(0, 3, dtype=torch.long)},
+    ]
+    matches = [
+        (torch.tensor([4, 0, 2]), torch.tensor([0, 1, 2])),
+        (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
+    ]
     return targets, matches
 
 
@@ -58,7 +63,7 @@ def test_training_losses_backward_including_empty_image():
     sum(losses.values()).backward()
     assert head.input_proj.weight.grad.abs().sum() > 0
     assert head.subject_proj.weight.grad.abs().sum() > 0  # L_rqc trains the pair selection
-    assert head.predicate_classifier.background.grad.abs().sum() > 0
+    assert head.predicates.cosine.background.grad.abs().sum() > 0
 
 
 def test_no_relations_anywhere_still_trains_no_relation():
@@ -156,7 +161,7 @@ def test_closed_set_classifier_without_text():
     cfg.MODEL.SPADE.MASK_HEAD.OPEN_VOCAB = False
     torch.manual_seed(0)
     head = RGTRelationHead(cfg).eval()
-    assert head.predicate_classifier is None
+    assert head.predicates.cosine is None and head.predicates.text_proj is None
     inputs = _inputs()
     inputs["predicate_text"] = None
     with torch.no_grad():
@@ -207,3 +212,33 @@ def test_bad_inputs_raise():
     cfg.MODEL.SPADE.MASK_HEAD.OPEN_VOCAB = False
     with pytest.raises(ValueError, match="NUM_PREDICATES"):
         RGTRelationHead(cfg)
+
+
+def test_predicate_classifier_fusion_hand_value_and_text_checks():
+    from spade.modeling.relation.predicates import PredicateClassifier
+
+    torch.manual_seed(0)
+    clf = PredicateClassifier(
+        16,
+        text_dim=TEXT,
+        num_predicates=0,
+        logit_scale_init=2.659,
+        clip_temperature=100.0,
+        fusion_alpha=0.5,
+        fusion_beta=0.5,
+    )
+    fused = clf.fuse_clip(torch.tensor([[0.2, 0.3, 0.5]]), torch.tensor([[0.5, 0.5]]))
+    a, b = (0.2 * 0.5) ** 0.5, (0.3 * 0.5) ** 0.5  # renormalised to 1 - p(no relation) = 0.5
+    assert torch.allclose(fused, torch.tensor([[0.5 * a / (a + b), 0.5 * b / (a + b), 0.5]]))
+    with pytest.raises(ValueError, match="closed-set classifier"):
+        clf.check_text(None)
+    with pytest.raises(ValueError, match="OPEN_VOCAB"):
+        PredicateClassifier(
+            16,
+            text_dim=0,
+            num_predicates=0,
+            logit_scale_init=2.659,
+            clip_temperature=100.0,
+            fusion_alpha=0.5,
+            fusion_beta=0.5,
+        )

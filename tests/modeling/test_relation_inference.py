@@ -1,4 +1,5 @@
 """relation_inference: segment mapping, dropping, duplicate merging, ranking."""
+
 import pytest
 import torch
 
@@ -9,7 +10,9 @@ def _pred():
     return {
         "pairs": torch.tensor([[0, 2], [1, 2], [2, 3], [0, 1], [2, 0]]),
         "pair_scores": torch.tensor([0.5, 0.9, 1.0, 1.0, 0.4]),
-        "predicate_scores": torch.tensor([[0.2, 0.8], [0.6, 0.4], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]),
+        "predicate_scores": torch.tensor(
+            [[0.2, 0.8], [0.6, 0.4], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]
+        ),
     }
 
 
@@ -44,9 +47,14 @@ def test_all_dropped_and_empty_inputs():
     out = relation_inference(_pred(), torch.zeros(4, dtype=torch.long), 100)
     assert out["triplets"].shape == (0, 3) and out["scores"].shape == (0,)
     assert out["predicate_scores"].shape == (0, 2)
-    empty = {"pairs": torch.zeros(0, 2, dtype=torch.long), "pair_scores": torch.zeros(0),
-             "predicate_scores": torch.zeros(0, 5)}
-    assert relation_inference(empty, torch.zeros(0, dtype=torch.long), 10)["predicate_scores"].shape == (0, 5)
+    empty = {
+        "pairs": torch.zeros(0, 2, dtype=torch.long),
+        "pair_scores": torch.zeros(0),
+        "predicate_scores": torch.zeros(0, 5),
+    }
+    assert relation_inference(empty, torch.zeros(0, dtype=torch.long), 10)[
+        "predicate_scores"
+    ].shape == (0, 5)
 
 
 def test_bad_inputs_raise():

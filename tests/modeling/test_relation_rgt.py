@@ -1,4 +1,5 @@
 """RGT_g attention masks really restrict P+ / P-, and RGT_l equals the GCN formula."""
+
 import math
 
 import pytest
@@ -13,9 +14,7 @@ from spade.modeling.relation.rgt import (
 )
 
 # 0 - 1 neighbours, 2 and 3 isolated from 0 and 1 (2 - 3 neighbours)
-GRAPH = torch.tensor(
-    [[[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]], dtype=torch.bool
-)
+GRAPH = torch.tensor([[[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]]], dtype=torch.bool)
 
 
 def _x(seed=0, dim=8):

@@ -1,4 +1,5 @@
 """Masked-attention decoder: masking really hides the outside, round-robin scales, outputs."""
+
 import pytest
 import torch
 
@@ -10,7 +11,9 @@ from spade.modeling.transformer_decoder import (
 
 
 def test_attention_mask_from_logits_hand_computed():
-    logits = torch.tensor([[[[5.0, -5.0], [-5.0, 5.0]], [[-5.0, -5.0], [-5.0, -5.0]]]])  # [1, 2, 2, 2]
+    logits = torch.tensor(
+        [[[[5.0, -5.0], [-5.0, 5.0]], [[-5.0, -5.0], [-5.0, -5.0]]]]
+    )  # [1, 2, 2, 2]
     mask = attention_mask_from_logits(logits, (2, 2), nheads=3)
     assert mask.shape == (3, 2, 4) and mask.dtype == torch.bool
     assert mask[0, 0].tolist() == [False, True, True, False]  # sees only inside its mask
@@ -38,8 +41,15 @@ def test_query_cannot_see_outside_its_mask():
 
 def _decoder(dec_layers=4, num_queries=5):
     return MaskedAttentionDecoder(
-        in_channels=16, mask_dim=12, hidden_dim=16, num_queries=num_queries, nheads=4,
-        dim_feedforward=32, dec_layers=dec_layers, pre_norm=False, enforce_input_project=False,
+        in_channels=16,
+        mask_dim=12,
+        hidden_dim=16,
+        num_queries=num_queries,
+        nheads=4,
+        dim_feedforward=32,
+        dec_layers=dec_layers,
+        pre_norm=False,
+        enforce_input_project=False,
     )
 
 
@@ -61,7 +71,10 @@ def test_decoder_masks_are_query_embedding_dot_mask_features():
     torch.manual_seed(0)
     decoder = _decoder(dec_layers=1, num_queries=3)
     mask_features = torch.randn(1, 12, 4, 4)
-    out = decoder([torch.randn(1, 16, 1, 1), torch.randn(1, 16, 2, 2), torch.randn(1, 16, 4, 4)], mask_features)
+    out = decoder(
+        [torch.randn(1, 16, 1, 1), torch.randn(1, 16, 2, 2), torch.randn(1, 16, 4, 4)],
+        mask_features,
+    )
     emb = decoder.mask_embed(out["query_features"][-1])  # [1, 3, 12]
     expected = (emb[0, :, :, None, None] * mask_features[0][None]).sum(1)
     torch.testing.assert_close(out["pred_masks"][-1][0], expected, rtol=1e-5, atol=1e-5)

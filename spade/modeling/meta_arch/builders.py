@@ -1,4 +1,5 @@
 """Builds the parts of the SPADE meta-architecture from a config (``SPADE.from_config``)."""
+
 from typing import Any, Dict
 
 from detectron2.config import CfgNode
@@ -22,7 +23,9 @@ def build_criterion(cfg: CfgNode) -> SetCriterion:
     """Hungarian matcher + set criterion with the weights of ``MODEL.SPADE.MASK_HEAD``."""
     m = cfg.MODEL.SPADE.MASK_HEAD
     matcher = HungarianMatcher(
-        cost_class=m.CLASS_WEIGHT, cost_mask=m.MASK_WEIGHT, cost_dice=m.DICE_WEIGHT,
+        cost_class=m.CLASS_WEIGHT,
+        cost_mask=m.MASK_WEIGHT,
+        cost_dice=m.DICE_WEIGHT,
         num_points=m.TRAIN_NUM_POINTS,
     )
     return SetCriterion(
@@ -42,7 +45,9 @@ def build_vocabularies(cfg: CfgNode):
     """(train, test) vocabularies: DATASETS.TRAIN[0]'s classes; at test, OPEN_VOCAB.CLASS_NAMES /
     PREDICATE_NAMES when given, else DATASETS.TEST[0]'s (else the training dataset's)."""
     if not cfg.DATASETS.TRAIN:
-        raise ValueError("SPADE: DATASETS.TRAIN is empty; the training vocabulary comes from its metadata")
+        raise ValueError(
+            "SPADE: DATASETS.TRAIN is empty; the training vocabulary comes from its metadata"
+        )
     train_name = cfg.DATASETS.TRAIN[0]
     train = vocabulary_from_metadata(train_name)
     test_name = train_name
@@ -50,7 +55,10 @@ def build_vocabularies(cfg: CfgNode):
         test_name = cfg.DATASETS.TEST[0]
     ov = cfg.MODEL.SPADE.OPEN_VOCAB
     test = vocabulary_from_metadata(
-        test_name, list(ov.CLASS_NAMES), list(ov.PREDICATE_NAMES), seen_class_names=train.class_names
+        test_name,
+        list(ov.CLASS_NAMES),
+        list(ov.PREDICATE_NAMES),
+        seen_class_names=train.class_names,
     )
     return train, test
 
@@ -69,7 +77,8 @@ def build_spade_parts(cfg: CfgNode) -> Dict[str, Any]:
         clip = getattr(backbone, "clip", None) or build_clip(cfg)
         parts["text_bank"], parts["predicate_text_bank"] = build_text_banks(cfg, clip)
         classifier = OpenVocabClassifier(
-            s.MASK_HEAD.HIDDEN_DIM, clip.embed_dim,
+            s.MASK_HEAD.HIDDEN_DIM,
+            clip.embed_dim,
             CosineClassifier(clip.embed_dim, s.OPEN_VOCAB.LOGIT_SCALE_INIT),
         )
         parts["use_clip_branch"] = s.OPEN_VOCAB.USE_CLIP_BRANCH
@@ -94,6 +103,7 @@ def build_spade_parts(cfg: CfgNode) -> Dict[str, Any]:
         "overlap_threshold": s.TEST.OVERLAP_THRESHOLD,
         "max_relations": s.TEST.MAX_RELATIONS,
         "relation_head": relation_head,
+        "relation_clip_branch": s.RELATION.ENABLED and s.RELATION.USE_CLIP_BRANCH,
         "fusion_alpha": s.OPEN_VOCAB.ALPHA,
         "fusion_beta": s.OPEN_VOCAB.BETA,
         **parts,

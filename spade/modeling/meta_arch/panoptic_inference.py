@@ -2,6 +2,7 @@
 
 Shape shorthand: Q queries, K classes (+1 no-object), H x W output resolution.
 """
+
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -43,7 +44,9 @@ def panoptic_inference(
             f"panoptic_inference: {num_queries} class rows but {mask_logits.shape[0]} masks"
         )
     if len(is_thing) != num_classes:
-        raise ValueError(f"panoptic_inference: {len(is_thing)} is_thing flags for {num_classes} classes")
+        raise ValueError(
+            f"panoptic_inference: {len(is_thing)} is_thing flags for {num_classes} classes"
+        )
     height, width = mask_logits.shape[-2:]
     seg = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
     query_to_segment = torch.zeros(num_queries, dtype=torch.long)
@@ -69,7 +72,12 @@ def panoptic_inference(
         else:
             segment_id = len(segments_info) + 1
             segments_info.append(
-                {"id": segment_id, "category_id": label, "isthing": thing, "score": float(scores[query])}
+                {
+                    "id": segment_id,
+                    "category_id": label,
+                    "isthing": thing,
+                    "score": float(scores[query]),
+                }
             )
             if not thing:
                 stuff_segment[label] = segment_id

@@ -3,9 +3,9 @@
 Shape shorthand: B batch, Q queries, C query width, K classes, D CLIP embedding dim.
 Both return logits [..., K+1] whose last column is the no-object class.
 """
+
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["ClosedSetClassifier", "OpenVocabClassifier"]
@@ -26,7 +26,9 @@ class ClosedSetClassifier(nn.Module):
     def forward(self, query_features: Tensor, text_embeddings: Optional[Tensor] = None) -> Tensor:
         """query_features [..., C] -> logits [..., K+1]; ``text_embeddings`` must be None."""
         if text_embeddings is not None:
-            raise ValueError("ClosedSetClassifier: takes no text embeddings (MASK_HEAD.OPEN_VOCAB False)")
+            raise ValueError(
+                "ClosedSetClassifier: takes no text embeddings (MASK_HEAD.OPEN_VOCAB False)"
+            )
         return self.linear(query_features)
 
 
@@ -46,7 +48,9 @@ class OpenVocabClassifier(nn.Module):
         """
         super().__init__()
         self.projection = nn.Sequential(
-            nn.Linear(hidden_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, embed_dim)
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, embed_dim),
         )
         self.cosine = cosine_classifier
 
@@ -55,4 +59,6 @@ class OpenVocabClassifier(nn.Module):
         if text_embeddings is None:
             raise ValueError("OpenVocabClassifier: text embeddings of the vocabulary are required")
         projected = self.projection(query_features)
-        return self.cosine(projected, text_embeddings.to(device=projected.device, dtype=projected.dtype))
+        return self.cosine(
+            projected, text_embeddings.to(device=projected.device, dtype=projected.dtype)
+        )

@@ -4,6 +4,7 @@
 Shape shorthand: B batch, Q object queries, C query width, K classes (+1 no-object), P predicates,
 D CLIP embedding dim, H x W padded image, h x w mask-feature map (stride 4 or 8).
 """
+
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 from ..criterion import SetCriterion
-from ..open_vocab import geometric_fusion, mask_pool
+from ..open_vocab import TextEmbeddingBank, geometric_fusion, mask_pool
 from ..relation import relation_inference
 from ..transformer_decoder import MaskedAttentionDecoder
 from .builders import build_spade_parts
@@ -55,9 +56,10 @@ class SPADE(nn.Module):
         overlap_threshold: float = 0.8,
         max_relations: int = 100,
         relation_head: Optional[nn.Module] = None,
-        text_bank=None,
-        predicate_text_bank=None,
+        text_bank: Optional[TextEmbeddingBank] = None,
+        predicate_text_bank: Optional[TextEmbeddingBank] = None,
         use_clip_branch: bool = False,
+        relation_clip_branch: bool = False,
         fusion_alpha: float = 0.34,
         fusion_beta: float = 0.34,
     ):
@@ -78,6 +80,7 @@ class SPADE(nn.Module):
             text_bank / predicate_text_bank: ``TextEmbeddingBank`` of class / predicate prompts
                 (open vocabulary only).
             use_clip_branch: fuse the CLIP mask-pooled class probabilities at inference.
+            relation_clip_branch: hand the CLIP dense features to the relation head at inference.
             fusion_alpha / fusion_beta: geometric fusion weights of seen / novel classes.
         """
         super().__init__()
@@ -92,15 +95,22 @@ class SPADE(nn.Module):
             raise ValueError("SPADE: an open-vocabulary classifier needs a text bank")
         self.train_vocabulary = train_vocabulary
         self.test_vocabulary = train_vocabulary
-        self.set_vocabulary(test_vocabulary.class_names, test_vocabulary.predicate_names,
-                            is_thing=test_vocabulary.is_thing, novel_classes=test_vocabulary.novel_classes)
+        self.set_vocabulary(
+            test_vocabulary.class_names,
+            test_vocabulary.predicate_names,
+            is_thing=test_vocabulary.is_thing,
+            novel_classes=test_vocabulary.novel_classes,
+        )
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.size_divisibility = size_divisibility
         self.mask_loss_weight = mask_loss_weight
-        self.object_mask_threshold, self.overlap_threshold = object_mask_threshold, overlap_threshold
+        self.object_mask_threshold = object_mask_threshold
+        self.overlap_threshold = overlap_threshold
         self.max_relations = max_relations
-        self.use_clip_branch = use_clip_branch and callable(getattr(backbone, "clip_dense_features", None))
+        has_clip = callable(getattr(backbone, "clip_dense_features", None))
+        self.use_clip_branch = use_clip_branch and has_clip and text_bank is not None
+        self.relation_clip_branch = relation_clip_branch and has_clip and relation_head is not None
         self.fusion_alpha, self.fusion_beta = fusion_alpha, fusion_beta
 
     @classmethod
@@ -128,15 +138,28 @@ class SPADE(nn.Module):
         known = dict(zip(self.train_vocabulary.class_names, self.train_vocabulary.is_thing))
         known.update(zip(self.test_vocabulary.class_names, self.test_vocabulary.is_thing))
         names = tuple(class_names)
-        if not getattr(self.classifier, "open_vocab", False) and len(names) != self.classifier.num_classes:
+        if (
+            not getattr(self.classifier, "open_vocab", False)
+            and len(names) != self.classifier.num_classes
+        ):
             raise ValueError(
                 f"SPADE.set_vocabulary: the closed-set classifier has {self.classifier.num_classes} "
                 f"classes, got {len(names)} names"
             )
-        flags = tuple(is_thing) if is_thing is not None else tuple(known.get(n, True) for n in names)
+        flags = (
+            tuple(is_thing) if is_thing is not None else tuple(known.get(n, True) for n in names)
+        )
         seen = set(self.train_vocabulary.class_names)
-        novel = tuple(novel_classes) if novel_classes is not None else tuple(n not in seen for n in names)
-        preds = tuple(predicate_names) if predicate_names is not None else self.test_vocabulary.predicate_names
+        novel = (
+            tuple(novel_classes)
+            if novel_classes is not None
+            else tuple(n not in seen for n in names)
+        )
+        preds = (
+            tuple(predicate_names)
+            if predicate_names is not None
+            else self.test_vocabulary.predicate_names
+        )
         self.test_vocabulary = Vocabulary(names, flags, preds, novel)
 
     @property
@@ -162,7 +185,9 @@ class SPADE(nn.Module):
         images = []
         for x in batched_inputs:
             if "image" not in x:
-                raise KeyError(f"SPADE: input {x.get('image_id', x.get('file_name', '?'))} has no 'image'")
+                raise KeyError(
+                    f"SPADE: input {x.get('image_id', x.get('file_name', '?'))} has no 'image'"
+                )
             images.append((x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std)
         return ImageList.from_tensors(images, self.size_divisibility)
 
@@ -183,12 +208,15 @@ class SPADE(nn.Module):
             "pred_masks": decoded["pred_masks"][-1],
             "query_features": decoded["query_features"][-1],
             "aux_outputs": [
-                {"pred_logits": lg, "pred_masks": m} for lg, m in zip(logits[:-1], decoded["pred_masks"][:-1])
+                {"pred_logits": lg, "pred_masks": m}
+                for lg, m in zip(logits[:-1], decoded["pred_masks"][:-1])
             ],
             "features": {**features, "mask_features": mask_features},
         }
 
-    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict[str, Tensor]]:
+    def prepare_targets(
+        self, batched_inputs: List[Dict], images: ImageList
+    ) -> List[Dict[str, Tensor]]:
         """Per image {"labels": long [N], "masks": bool [N, H, W] padded, "gt_relations": [R, 3]}."""
         height, width = images.tensor.shape[-2:]
         num_classes = len(self.train_vocabulary.class_names)
@@ -208,7 +236,9 @@ class SPADE(nn.Module):
             masks = torch.zeros((len(labels), height, width), dtype=torch.bool, device=self.device)
             masks[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks.bool()
             relations = x.get("gt_relations", torch.zeros((0, 3), dtype=torch.long))
-            targets.append({"labels": labels, "masks": masks, "gt_relations": relations.to(self.device)})
+            targets.append(
+                {"labels": labels, "masks": masks, "gt_relations": relations.to(self.device)}
+            )
         return targets
 
     def forward(self, batched_inputs: List[Dict]):
@@ -258,13 +288,26 @@ class SPADE(nn.Module):
         scale = getattr(getattr(clip, "model", None), "logit_scale", None)
         return float(scale.exp()) if isinstance(scale, Tensor) else 100.0
 
+    def panoptic_inference(self, class_probs: Tensor, mask_logits: Tensor):
+        """One image: class_probs [Q, K+1], mask_logits [Q, H, W] -> (seg int32 [H, W],
+        segments_info, query_to_segment long [Q]) with the model's thresholds and vocabulary."""
+        return panoptic_inference(
+            class_probs,
+            mask_logits,
+            self.vocabulary.is_thing,
+            object_mask_threshold=self.object_mask_threshold,
+            overlap_threshold=self.overlap_threshold,
+        )
+
     def inference(self, batched_inputs: List[Dict], images: ImageList, outputs: Dict) -> List[Dict]:
         """Per image: panoptic segmentation at the original size (+ relations with a relation head)."""
         clip_features = None
-        if self.use_clip_branch:
+        if self.use_clip_branch or self.relation_clip_branch:
             with torch.no_grad():
                 clip_features = self.backbone.clip_dense_features(images.tensor)  # [B, D, h', w']
-        class_probs = self.class_probabilities(outputs, clip_features)
+        class_probs = self.class_probabilities(
+            outputs, clip_features if self.use_clip_branch else None
+        )
         relation_preds = None
         if self.relation_head is not None:
             relation_preds = self.relation_head(
@@ -272,7 +315,7 @@ class SPADE(nn.Module):
                 mask_logits=outputs["pred_masks"],
                 class_probs=class_probs,
                 features=outputs["features"],
-                clip_features=clip_features,
+                clip_features=clip_features if self.relation_clip_branch else None,
                 predicate_text=self.predicate_text_embeddings(),
                 targets=None,
                 matches=None,
@@ -280,17 +323,17 @@ class SPADE(nn.Module):
         padded = images.tensor.shape[-2:]
         results = []
         for i, x in enumerate(batched_inputs):
-            height, width = x.get("height", images.image_sizes[i][0]), x.get("width", images.image_sizes[i][1])
-            masks = F.interpolate(outputs["pred_masks"][i : i + 1], size=padded, mode="bilinear",
-                                  align_corners=False)[0]
-            masks = sem_seg_postprocess(masks, images.image_sizes[i], height, width)
-            seg, segments_info, query_to_segment = panoptic_inference(
-                class_probs[i], masks, self.vocabulary.is_thing,
-                object_mask_threshold=self.object_mask_threshold,
-                overlap_threshold=self.overlap_threshold,
-            )
+            image_size = images.image_sizes[i]
+            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
+            masks = F.interpolate(
+                outputs["pred_masks"][i : i + 1], size=padded, mode="bilinear", align_corners=False
+            )[0]
+            masks = sem_seg_postprocess(masks, image_size, height, width)  # [Q, height, width]
+            seg, segments_info, query_to_segment = self.panoptic_inference(class_probs[i], masks)
             result = {"panoptic_seg": (seg, segments_info)}
             if relation_preds is not None:
-                result["relations"] = relation_inference(relation_preds[i], query_to_segment, self.max_relations)
+                result["relations"] = relation_inference(
+                    relation_preds[i], query_to_segment, self.max_relations
+                )
             results.append(result)
         return results

@@ -1,6 +1,7 @@
 """Class / predicate vocabularies of a SPADE model, read from dataset metadata or given by name."""
+
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
 
@@ -61,7 +62,9 @@ def vocabulary_from_metadata(
         flags = [n not in stuff_set for n in names]
     else:
         flags = [True] * len(things) + [False] * len(stuff)
-    predicates = list(predicate_names) if predicate_names else list(meta.get("predicate_classes", []) or [])
+    predicates = (
+        list(predicate_names) if predicate_names else list(meta.get("predicate_classes", []) or [])
+    )
     novel = set((meta.get("ov_split", None) or {}).get("novel_objects", []))
     seen = set(seen_class_names) if seen_class_names is not None else None
     novel_flags = [n in novel or (seen is not None and n not in seen) for n in names]

@@ -1,4 +1,5 @@
 """Registry of SPADE pixel decoders."""
+
 from typing import Dict
 
 from detectron2.layers import ShapeSpec

@@ -2,6 +2,7 @@
 
 Shape shorthand: B batch, L levels, C channels, S = sum over levels of h_l * w_l.
 """
+
 from typing import List, Tuple
 
 import torch
@@ -42,8 +43,15 @@ def reference_points(spatial_shapes: Tensor, batch_size: int, dtype: torch.dtype
 class DeformableEncoderLayer(nn.Module):
     """Post-norm layer: deformable self-attention over all levels, then a feed-forward network."""
 
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, n_levels: int,
-                 n_heads: int, n_points: int):
+    def __init__(
+        self,
+        d_model: int,
+        dim_feedforward: int,
+        dropout: float,
+        n_levels: int,
+        n_heads: int,
+        n_points: int,
+    ):
         super().__init__()
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.norm1 = nn.LayerNorm(d_model)
@@ -63,8 +71,17 @@ class DeformableEncoderLayer(nn.Module):
 class DeformableEncoder(nn.Module):
     """A stack of :class:`DeformableEncoderLayer` with a learned per-level embedding."""
 
-    def __init__(self, *, d_model: int, num_layers: int, dim_feedforward: int, dropout: float,
-                 n_levels: int, n_heads: int, n_points: int):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        num_layers: int,
+        dim_feedforward: int,
+        dropout: float,
+        n_levels: int,
+        n_heads: int,
+        n_points: int,
+    ):
         super().__init__()
         self.level_embed = nn.Parameter(torch.empty(n_levels, d_model))
         nn.init.normal_(self.level_embed)

@@ -5,6 +5,7 @@ value tokens), M heads, Dh = C / M channels per head, Pn sampling points per hea
 
 No compiled operator is needed, so the same code runs on CPU and on any GPU.
 """
+
 from typing import Optional
 
 import torch
@@ -65,7 +66,12 @@ class MSDeformAttn(nn.Module):
         super().__init__()
         if d_model % n_heads != 0:
             raise ValueError(f"MSDeformAttn: d_model {d_model} not divisible by n_heads {n_heads}")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.d_model, self.n_levels, self.n_heads, self.n_points = (
+            d_model,
+            n_levels,
+            n_heads,
+            n_points,
+        )
         self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)

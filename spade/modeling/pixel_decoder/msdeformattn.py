@@ -2,6 +2,7 @@
 
 Shape shorthand: B batch, C = CONVS_DIM, Cm = MASK_DIM, H x W padded image, s = COMMON_STRIDE.
 """
+
 from typing import Dict, List, Tuple
 
 import torch.nn.functional as F
@@ -99,12 +100,24 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.output_convs = nn.ModuleList()
         for name in self.fpn_in_features:
             self.lateral_convs.append(
-                Conv2d(input_shape[name].channels, conv_dim, kernel_size=1, bias=use_bias,
-                       norm=get_norm(norm, conv_dim))
+                Conv2d(
+                    input_shape[name].channels,
+                    conv_dim,
+                    kernel_size=1,
+                    bias=use_bias,
+                    norm=get_norm(norm, conv_dim),
+                )
             )
             self.output_convs.append(
-                Conv2d(conv_dim, conv_dim, kernel_size=3, padding=1, bias=use_bias,
-                       norm=get_norm(norm, conv_dim), activation=F.relu)
+                Conv2d(
+                    conv_dim,
+                    conv_dim,
+                    kernel_size=3,
+                    padding=1,
+                    bias=use_bias,
+                    norm=get_norm(norm, conv_dim),
+                    activation=F.relu,
+                )
             )
         self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1)
         for conv in [*self.lateral_convs, *self.output_convs, self.mask_features]:
@@ -148,9 +161,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         pos = [self.pe_layer(m) for m in maps]
         encoded = self.encoder(maps, pos)
         out = encoded[-1]
-        for name, lateral, output in zip(self.fpn_in_features, self.lateral_convs, self.output_convs):
+        for name, lateral, output in zip(
+            self.fpn_in_features, self.lateral_convs, self.output_convs
+        ):
             x = lateral(features[name])
-            out = output(x + F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False))
+            out = output(
+                x + F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            )
         return self.mask_features(out), encoded[:3]
 
     def forward(self, features: Dict[str, Tensor]) -> Tuple[Tensor, List[Tensor]]:

@@ -1,4 +1,5 @@
 """Sine position embedding of a 2-D feature map (shared by the pixel and transformer decoders)."""
+
 import math
 
 import torch
@@ -14,7 +15,9 @@ class PositionEmbeddingSine(nn.Module):
     second half x. Coordinates are the pixel centres scaled to (0, ``scale``).
     """
 
-    def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi):
+    def __init__(
+        self, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi
+    ):
         super().__init__()
         if num_pos_feats % 2 != 0:
             raise ValueError(f"PositionEmbeddingSine: num_pos_feats {num_pos_feats} must be even")
@@ -25,7 +28,9 @@ class PositionEmbeddingSine(nn.Module):
         y_embed = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5) / h * self.scale
         x_embed = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5) / w * self.scale
         dim_t = torch.arange(self.num_pos_feats, device=x.device, dtype=torch.float32)
-        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
+        dim_t = self.temperature ** (
+            2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
+        )
         pos_y = y_embed[:, None] / dim_t  # [h, F]
         pos_x = x_embed[:, None] / dim_t  # [w, F]
         pos_y = torch.stack([pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()], -1).flatten(1)

@@ -1,4 +1,5 @@
 """Registry of SPADE relation heads."""
+
 from detectron2.utils.registry import Registry
 from torch import nn
 

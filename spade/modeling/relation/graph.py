@@ -6,8 +6,8 @@ R the side of the downsampled masks (``RELATION.GRAPH_RESOLUTION``).
 Two queries are neighbours (G = 1) when
 
 * ``mode="fixed"`` (the paper): their predicted masks (sigmoid > 0.5 at R x R) touch or lie within
-  ``adjacency_distance`` pixels of each other (Chebyshev distance at R x R), OR the cosine similarity
-  of their query features exceeds ``eta``;
+  ``adjacency_distance`` pixels of each other (Chebyshev distance at R x R), OR the cosine
+  similarity of their query features exceeds ``eta``;
 * ``mode="knn"`` (adaptive, no tuned thresholds): each query links to its ``k`` nearest other
   queries under the score ``cos(f_i, f_j) - ||c_i - c_j||`` (``c`` = mask centroid in [0, 1]^2
   image coordinates, a query with an empty mask is placed sqrt(2) away from every other), and the
@@ -15,6 +15,7 @@ Two queries are neighbours (G = 1) when
 
 The diagonal of G is always False: a query is neither its own neighbour nor its own non-neighbour.
 """
+
 from typing import Tuple
 
 import torch
@@ -62,7 +63,7 @@ def mask_adjacency(masks: Tensor, distance: int) -> Tensor:
     flat = masks.reshape(B * Q, 1, R1, R2).float()
     dilated = F.max_pool2d(flat, kernel_size=2 * distance + 1, stride=1, padding=distance)
     dilated = dilated.reshape(B, Q, R1 * R2)
-    # dilated_i overlaps mask_j  <=>  some pixel of j is within `distance` of a pixel of i (symmetric)
+    # dilated_i overlaps mask_j <=> a pixel of j lies within `distance` of a pixel of i (symmetric)
     overlap = torch.bmm(dilated, flat.reshape(B, Q, R1 * R2).transpose(1, 2))
     adjacency = overlap > 0
     return adjacency & ~_eye(Q, masks.device)

@@ -3,6 +3,7 @@
 Shape shorthand: M query pairs, P predicates, Q object queries, T output triplets, G distinct
 (subject segment, object segment) pairs.
 """
+
 from typing import Dict
 
 import torch
@@ -72,7 +73,9 @@ def relation_inference(
             "scores": torch.zeros(0, device=pairs.device),
             "predicate_scores": torch.zeros(0, P, device=pairs.device),
         }
-    segment_pairs, group = torch.unique(torch.stack([subject, obj], dim=1), dim=0, return_inverse=True)
+    segment_pairs, group = torch.unique(
+        torch.stack([subject, obj], dim=1), dim=0, return_inverse=True
+    )
     merged = torch.zeros(len(segment_pairs), P, device=pairs.device)
     merged.scatter_reduce_(
         0, group[:, None].expand(-1, P), triplet_scores, reduce="amax", include_self=False

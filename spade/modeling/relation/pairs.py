@@ -2,6 +2,7 @@
 
 Shape shorthand: B batch, Q object queries, M pairs, h x w mask resolution.
 """
+
 import torch
 from torch import Tensor
 
@@ -65,4 +66,3 @@ def pair_geometry(subject_boxes: Tensor, object_boxes: Tensor, min_size: float =
     area_o = (o[:, 2:] - o[:, :2]).prod(dim=-1)
     iou = inter / (area_s + area_o - inter).clamp(min=min_size**2)
     return torch.cat([s, o, delta, log_ratio, distance, iou[:, None]], dim=-1)
-

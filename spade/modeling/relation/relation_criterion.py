@@ -10,10 +10,12 @@ training vocabulary (column P = no-relation).
   target distribution 1/k on each of them (PSG pairs may carry several predicates); any other pair
   has the target "no relation". Rows are averaged with weight ``no_relation_weight`` for no-relation
   rows and 1 otherwise.
-* L_rqc: a listwise ranking loss on the pair-selection logits s[i, j] (self pairs excluded): for every
-  GT pair g, ``-log(exp(s_g) / (exp(s_g) + sum_{non-GT pairs n} exp(s_n)))``, averaged over GT pairs.
-  It is lower the higher GT pairs rank above all other pairs, which is what the top-M selection needs.
+* L_rqc: a listwise ranking loss on the pair-selection logits s[i, j] (self pairs excluded): for
+  every GT pair g, ``-log(exp(s_g) / (exp(s_g) + sum_{non-GT pairs n} exp(s_n)))``, averaged over
+  GT pairs. It is lower the higher GT pairs rank above all other pairs, which is what the top-M
+  selection needs.
 """
+
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -41,7 +43,8 @@ def relation_targets(
 
     Args:
         gt_relations: long [R, 3] (subject instance, object instance, predicate).
-        query_idx, gt_idx: long [N'] the matcher's assignment (query query_idx[n] <-> instance gt_idx[n]).
+        query_idx, gt_idx: long [N'] the matcher's assignment
+            (query query_idx[n] <-> instance gt_idx[n]).
         num_predicates: P, size of the training predicate vocabulary.
         image_index: position of the image in the batch (for error messages).
     Returns:
@@ -56,7 +59,8 @@ def relation_targets(
         gt_relations = gt_relations.reshape(0, 3)
     if gt_relations.dim() != 2 or gt_relations.shape[1] != 3:
         raise ValueError(
-            f"targets[{image_index}]['gt_relations'] must be [R, 3], got {tuple(gt_relations.shape)}"
+            f"targets[{image_index}]['gt_relations'] must be [R, 3], "
+            f"got {tuple(gt_relations.shape)}"
         )
     if (gt_relations < 0).any():
         raise ValueError(f"targets[{image_index}]['gt_relations'] holds negative indices")
@@ -78,7 +82,7 @@ def relation_targets(
 
 
 def add_target_pairs(selected: Tensor, target_pairs: Tensor, num_queries: int) -> Tensor:
-    """Union of selected pairs [M, 2] and GT pairs [R', 2]: selected first, then missing GT pairs."""
+    """Union of selected pairs [M, 2] and GT pairs [R', 2]: selected first, then missing GT ones."""
     if len(target_pairs) == 0:
         return selected
     key_sel = selected[:, 0] * num_queries + selected[:, 1]
@@ -111,14 +115,16 @@ def predicate_targets(
 
 
 def relation_loss(logits: Tensor, targets: Tensor, no_relation_weight: float) -> Tensor:
-    """Weighted soft cross-entropy. logits, targets [M, P + 1] -> scalar (0 with grad when M = 0)."""
+    """Weighted soft cross-entropy: logits, targets [M, P + 1] -> scalar (0 with grad if M = 0)."""
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} vs targets {tuple(targets.shape)}")
     if len(logits) == 0:
         return logits.sum() * 0.0
     per_row = -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
     negative = targets[:, -1] > 0.5
-    weight = torch.where(negative, torch.full_like(per_row, no_relation_weight), torch.ones_like(per_row))
+    weight = torch.where(
+        negative, torch.full_like(per_row, no_relation_weight), torch.ones_like(per_row)
+    )
     return (per_row * weight).sum() / weight.sum().clamp(min=1e-6)
 
 
@@ -149,7 +155,7 @@ def rqc_loss(selection_logits: Tensor, positive_pairs: Tensor) -> Tuple[Tensor, 
 
 
 class RelationCriterion(nn.Module):
-    """L = REL_WEIGHT * L_rel + RQC_WEIGHT * L_rqc over a batch (the panoptic losses live elsewhere)."""
+    """REL_WEIGHT * L_rel + RQC_WEIGHT * L_rqc over a batch (panoptic losses live elsewhere)."""
 
     def __init__(
         self,
@@ -183,7 +189,9 @@ class RelationCriterion(nn.Module):
         """
         logits = torch.cat(list(predicate_logits), dim=0)
         targets = torch.cat(list(predicate_target_rows), dim=0)
-        losses = {"loss_rel": self.rel_weight * relation_loss(logits, targets, self.no_relation_weight)}
+        losses = {
+            "loss_rel": self.rel_weight * relation_loss(logits, targets, self.no_relation_weight)
+        }
         if self.use_rqc_loss:
             total = selection_logits.sum() * 0.0
             count = 0

@@ -1,7 +1,8 @@
 """SPADE's relation heads: the spatial-aware RGT head and the plain pair-MLP baseline.
 
 Shape shorthand: B batch, Q object queries, C query width, E = RELATION.HIDDEN_DIM, K classes,
-P predicates, D text / CLIP dim, M pairs of an image, h x w mask resolution, C_f pooled-map channels.
+P predicates, D text / CLIP dim, M pairs of an image, h x w mask resolution, C_f channels of the
+map pooled under joint masks.
 
 Forward (one call, :mod:`spade.modeling.relation.build` documents the signature):
 
@@ -17,6 +18,7 @@ Forward (one call, :mod:`spade.modeling.relation.build` documents the signature)
    CLIP branch (joint-mask pooled clip_features vs predicate_text) is fused by geometric mean.
 Scoring runs in chunks of PAIR_CHUNK pairs so memory stays bounded for large Q and M.
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -25,10 +27,11 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from torch import Tensor, nn
 
-from ..open_vocab import CosineClassifier, geometric_fusion, joint_mask_pool
+from ..open_vocab import joint_mask_pool
 from .build import SPADE_RELATION_HEAD_REGISTRY
 from .graph import build_spatial_semantic_graph
 from .pairs import GEOMETRY_DIM, mask_boxes, pair_geometry, select_pairs
+from .predicates import PredicateClassifier
 from .relation_criterion import (
     RelationCriterion,
     add_target_pairs,
@@ -41,7 +44,7 @@ __all__ = ["RGTRelationHead", "PairMLPRelationHead", "relation_text_dim"]
 
 
 def relation_text_dim(cfg) -> int:
-    """D of the predicate text embeddings: RELATION.TEXT_DIM, else the configured CLIP's embed dim."""
+    """D of predicate text embeddings: RELATION.TEXT_DIM, else the configured CLIP's embed dim."""
     if cfg.MODEL.SPADE.RELATION.TEXT_DIM > 0:
         return int(cfg.MODEL.SPADE.RELATION.TEXT_DIM)
     if cfg.MODEL.SPADE.CLIP.MODEL_NAME == "TINY":
@@ -113,27 +116,22 @@ class RGTRelationHead(nn.Module):
             criterion: L_rel + L_rqc.
         """
         super().__init__()
-        if text_dim <= 0 and num_predicates <= 0:
-            raise ValueError(
-                "relation head without a predicate classifier: enable MODEL.SPADE.MASK_HEAD.OPEN_VOCAB "
-                "(text embeddings) or set MODEL.SPADE.RELATION.NUM_PREDICATES"
-            )
         if pair_chunk <= 0 or num_pairs <= 0:
-            raise ValueError(f"RELATION.NUM_PAIRS ({num_pairs}) and PAIR_CHUNK ({pair_chunk}) must be > 0")
+            raise ValueError(
+                f"RELATION.NUM_PAIRS ({num_pairs}) and PAIR_CHUNK ({pair_chunk}) must be > 0"
+            )
         self.graph_args = dict(
-            mode=graph_mode, eta=eta, adjacency_distance=adjacency_distance,
-            resolution=graph_resolution, knn=knn,
+            mode=graph_mode,
+            eta=eta,
+            adjacency_distance=adjacency_distance,
+            resolution=graph_resolution,
+            knn=knn,
         )
         self.num_pairs = num_pairs
         self.pair_chunk = pair_chunk
         self.use_clip_branch = use_clip_branch
         self.baseline_pair_mlp = baseline_pair_mlp
         self.pool_feature = pool_feature
-        self.text_dim = text_dim
-        self.num_predicates = num_predicates
-        self.fusion_alpha = fusion_alpha
-        self.fusion_beta = fusion_beta
-        self.clip_temperature = clip_temperature
         self.criterion = criterion
 
         self.input_proj = nn.Linear(query_dim, hidden_dim)
@@ -141,7 +139,9 @@ class RGTRelationHead(nn.Module):
         attention = use_neighbour_attention or use_non_neighbour_attention
         self.global_layers = nn.ModuleList(
             RGTGlobalLayer(
-                hidden_dim, num_heads, dim_feedforward,
+                hidden_dim,
+                num_heads,
+                dim_feedforward,
                 use_neighbour_attention=use_neighbour_attention,
                 use_non_neighbour_attention=use_non_neighbour_attention,
             )
@@ -161,11 +161,14 @@ class RGTRelationHead(nn.Module):
             nn.Linear(dim_feedforward, hidden_dim),
             nn.LayerNorm(hidden_dim),
         )
-        # predicate classifiers
-        self.text_proj = nn.Linear(hidden_dim, text_dim) if text_dim > 0 else None
-        self.predicate_classifier = CosineClassifier(text_dim, logit_scale_init) if text_dim > 0 else None
-        self.closed_set_classifier = (
-            nn.Linear(hidden_dim, num_predicates + 1) if num_predicates > 0 else None
+        self.predicates = PredicateClassifier(
+            hidden_dim,
+            text_dim=text_dim,
+            num_predicates=num_predicates,
+            logit_scale_init=logit_scale_init,
+            clip_temperature=clip_temperature,
+            fusion_alpha=fusion_alpha,
+            fusion_beta=fusion_beta,
         )
 
     @classmethod
@@ -175,7 +178,9 @@ class RGTRelationHead(nn.Module):
         open_vocab = cfg.MODEL.SPADE.MASK_HEAD.OPEN_VOCAB
         num_predicates = r.NUM_PREDICATES
         if num_predicates == 0 and not open_vocab and cfg.DATASETS.TRAIN:
-            num_predicates = len(MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("predicate_classes", []))
+            num_predicates = len(
+                MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("predicate_classes", [])
+            )
         return {
             "query_dim": cfg.MODEL.SPADE.MASK_HEAD.HIDDEN_DIM,
             "pool_dim": pool_dims.get(r.POOL_FEATURE, cfg.MODEL.SPADE.DIFFUSION.OUT_CHANNELS),
@@ -224,54 +229,86 @@ class RGTRelationHead(nn.Module):
         matches: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
     ):
         """See the registry docstring (:mod:`spade.modeling.relation.build`) for shapes."""
-        pooled_map = self._check_inputs(query_features, mask_logits, class_probs, features, predicate_text)
-        B, Q, _ = query_features.shape
+        pooled_map = self._check_inputs(query_features, mask_logits, class_probs, features)
+        self.predicates.check_text(predicate_text)
         q = self.relation_context(query_features, mask_logits)  # [B, Q, E]
         selection_logits = self.pair_selection_logits(q)  # [B, Q, Q]
-        objectness = (1.0 - class_probs[..., -1].detach().float()).clamp(min=1e-6)  # [B, Q]
-        ranking = selection_logits.detach() + objectness.log()[:, :, None] + objectness.log()[:, None, :]
+        objectness = (1.0 - class_probs[..., -1].detach().float()).clamp(min=1e-6).log()  # [B, Q]
+        ranking = selection_logits.detach() + objectness[:, :, None] + objectness[:, None, :]
         masks = mask_logits.detach().float()
         if pooled_map.shape[-2:] != masks.shape[-2:]:
-            masks = F.interpolate(masks, size=pooled_map.shape[-2:], mode="bilinear", align_corners=False)
-        boxes = mask_boxes(masks > 0)  # [B, Q, 4]
-        soft_masks = masks.sigmoid()  # [B, Q, h_f, w_f]
-        num_predicates = len(predicate_text) if predicate_text is not None else self.num_predicates
-
+            masks = F.interpolate(
+                masks, size=pooled_map.shape[-2:], mode="bilinear", align_corners=False
+            )
+        pair_inputs = (mask_boxes(masks > 0), masks.sigmoid(), pooled_map)  # boxes, soft masks, map
         if self.training:
-            if targets is None or matches is None or len(targets) != B or len(matches) != B:
-                raise ValueError("training the relation head needs `targets` and `matches` per image")
-            logits, rows, positives = [], [], []
-            for b in range(B):
-                if "gt_relations" not in targets[b]:
-                    raise KeyError(f"targets[{b}] has no 'gt_relations' (keys: {sorted(targets[b])})")
-                query_idx, gt_idx = matches[b]
-                target_pairs, target_predicates = relation_targets(
-                    targets[b]["gt_relations"], query_idx.to(q.device), gt_idx.to(q.device),
-                    num_predicates, image_index=b,
-                )
-                pairs = add_target_pairs(select_pairs(ranking[b], self.num_pairs), target_pairs, Q)
-                logits.append(
-                    self.predicate_logits(q[b], pairs, boxes[b], soft_masks[b], pooled_map[b], predicate_text)
-                )
-                rows.append(predicate_targets(pairs, target_pairs, target_predicates, num_predicates))
-                positives.append(target_pairs)
-            return self.criterion(logits, rows, selection_logits, positives)
+            return self.training_losses(
+                q, selection_logits, ranking, pair_inputs, predicate_text, targets, matches
+            )
+        return self.inference(
+            q, ranking, pair_inputs, class_probs, mask_logits, clip_features, predicate_text
+        )
 
-        query_scores = class_probs[..., :-1].detach().float().max(dim=-1).values  # [B, Q]
-        results = []
+    def training_losses(
+        self, q, selection_logits, ranking, pair_inputs, predicate_text, targets, matches
+    ) -> Dict[str, Tensor]:
+        """Targets from the matcher, top-M pairs plus unselected GT pairs, L_rel and L_rqc."""
+        B, Q, _ = q.shape
+        if targets is None or matches is None or len(targets) != B or len(matches) != B:
+            raise ValueError("training the relation head needs `targets` and `matches` per image")
+        num_predicates = self.predicates.vocabulary_size(predicate_text)
+        boxes, soft_masks, pooled_map = pair_inputs  # [B, Q, 4], [B, Q, h_f, w_f], [B, C_f, ..]
+        logits, rows, positives = [], [], []
         for b in range(B):
+            if "gt_relations" not in targets[b]:
+                raise KeyError(f"targets[{b}] has no 'gt_relations' (keys: {sorted(targets[b])})")
+            query_idx, gt_idx = matches[b]
+            target_pairs, target_predicates = relation_targets(
+                targets[b]["gt_relations"],
+                query_idx.to(q.device),
+                gt_idx.to(q.device),
+                num_predicates,
+                image_index=b,
+            )
+            pairs = add_target_pairs(select_pairs(ranking[b], self.num_pairs), target_pairs, Q)
+            logits.append(
+                self.predicate_logits(
+                    q[b], pairs, boxes[b], soft_masks[b], pooled_map[b], predicate_text
+                )
+            )
+            rows.append(predicate_targets(pairs, target_pairs, target_predicates, num_predicates))
+            positives.append(target_pairs)
+        return self.criterion(logits, rows, selection_logits, positives)
+
+    def inference(
+        self, q, ranking, pair_inputs, class_probs, mask_logits, clip_features, predicate_text
+    ) -> List[Dict[str, Tensor]]:
+        """Per image {"pairs" [M, 2], "pair_scores" [M], "predicate_scores" [M, P]}."""
+        num_predicates = self.predicates.vocabulary_size(predicate_text)
+        boxes, soft_masks, pooled_map = pair_inputs  # [B, Q, 4], [B, Q, h_f, w_f], [B, C_f, ..]
+        query_scores = class_probs[..., :-1].detach().float().max(dim=-1).values  # [B, Q]
+        use_clip = clip_features is not None and self.use_clip_branch and predicate_text is not None
+        results = []
+        for b in range(q.shape[0]):
             pairs = select_pairs(ranking[b], self.num_pairs)
-            probs = self.predicate_logits(q[b], pairs, boxes[b], soft_masks[b], pooled_map[b], predicate_text)
-            probs = probs.float().softmax(dim=-1)  # [M, P + 1]
-            if clip_features is not None and self.use_clip_branch and predicate_text is not None:
-                p_clip = self.clip_predicate_probs(clip_features[b], mask_logits[b].detach(), pairs, predicate_text)
-                probs = geometric_fusion(probs, p_clip, self.fusion_alpha, self.fusion_beta, None)
-            probs = probs[:, :num_predicates]  # drop the no-relation column
+            logits = self.predicate_logits(
+                q[b], pairs, boxes[b], soft_masks[b], pooled_map[b], predicate_text
+            )
+            probs = logits.float().softmax(dim=-1)  # [M, P + 1]
+            if use_clip:
+                p_clip = self.predicates.clip_probabilities(
+                    clip_features[b],
+                    mask_logits[b].detach(),
+                    pairs,
+                    predicate_text,
+                    self.pair_chunk,
+                )
+                probs = self.predicates.fuse_clip(probs, p_clip)
             results.append(
                 {
                     "pairs": pairs,
                     "pair_scores": query_scores[b, pairs[:, 0]] * query_scores[b, pairs[:, 1]],
-                    "predicate_scores": probs,
+                    "predicate_scores": probs[:, :num_predicates],  # no-relation column dropped
                 }
             )
         return results
@@ -282,7 +319,9 @@ class RGTRelationHead(nn.Module):
         q = self.input_proj(query_features)
         if len(self.global_layers) == 0 and self.local_gcn is None:
             return q
-        graph = build_spatial_semantic_graph(mask_logits.detach(), query_features.detach(), **self.graph_args)
+        graph = build_spatial_semantic_graph(
+            mask_logits.detach(), query_features.detach(), **self.graph_args
+        )
         for layer in self.global_layers:
             q = layer(q, graph)
         if self.local_gcn is not None:
@@ -314,65 +353,31 @@ class RGTRelationHead(nn.Module):
         for start in range(0, len(pairs), self.pair_chunk):
             chunk = pairs[start : start + self.pair_chunk]
             pooled = joint_mask_pool(pooled_map[None], soft_masks[None], chunk[None])[0]  # [m, C_f]
-            geometry = pair_geometry(boxes[chunk[:, 0]], boxes[chunk[:, 1]])
-            x = torch.cat(
-                [q[chunk[:, 0]], q[chunk[:, 1]], self.geometry_embed(geometry), self.pool_proj(pooled)],
-                dim=-1,
-            )
-            out.append(self.classify(self.pair_mlp(x), predicate_text))
+            geometry = self.geometry_embed(pair_geometry(boxes[chunk[:, 0]], boxes[chunk[:, 1]]))
+            x = torch.cat([q[chunk[:, 0]], q[chunk[:, 1]], geometry, self.pool_proj(pooled)], -1)
+            out.append(self.predicates(self.pair_mlp(x), predicate_text))
         if not out:
-            width = (len(predicate_text) if predicate_text is not None else self.num_predicates) + 1
+            width = self.predicates.vocabulary_size(predicate_text) + 1
             return q.new_zeros(0, width) + 0.0 * q.sum()
         return torch.cat(out, dim=0)
 
-    def classify(self, pair_embedding: Tensor, predicate_text: Optional[Tensor]) -> Tensor:
-        """Pair embeddings [m, E] -> logits [m, P + 1] (cosine vs text, or closed-set linear)."""
-        if predicate_text is not None:
-            return self.predicate_classifier(self.text_proj(pair_embedding), predicate_text.to(pair_embedding.dtype))
-        return self.closed_set_classifier(pair_embedding)
-
-    @torch.no_grad()
-    def clip_predicate_probs(
-        self, clip_features: Tensor, mask_logits: Tensor, pairs: Tensor, predicate_text: Tensor
-    ) -> Tensor:
-        """CLIP branch: joint-mask pooled CLIP features vs predicate text -> probabilities [M, P].
-
-        clip_features [D, h', w'], mask_logits [Q, h, w], pairs [M, 2].
-        """
-        masks = mask_logits[None].float().sigmoid()  # resized to h' x w' by joint_mask_pool
-        text = F.normalize(predicate_text.float(), dim=-1)
-        out = []
-        for start in range(0, len(pairs), self.pair_chunk):
-            chunk = pairs[start : start + self.pair_chunk]
-            pooled = joint_mask_pool(clip_features[None].float(), masks, chunk[None])[0]  # [m, D]
-            out.append((self.clip_temperature * F.normalize(pooled, dim=-1) @ text.T).softmax(dim=-1))
-        return torch.cat(out, dim=0) if out else text.new_zeros(0, len(text))
-
-    def _check_inputs(self, query_features, mask_logits, class_probs, features, predicate_text) -> Tensor:
+    def _check_inputs(self, query_features, mask_logits, class_probs, features) -> Tensor:
+        """Validate shapes; return the map pooled under joint masks [B, C_f, h_f, w_f]."""
         if query_features.dim() != 3:
             raise ValueError(f"query_features must be [B, Q, C], got {tuple(query_features.shape)}")
         B, Q, _ = query_features.shape
         if mask_logits.dim() != 4 or tuple(mask_logits.shape[:2]) != (B, Q):
-            raise ValueError(f"mask_logits must be [B={B}, Q={Q}, h, w], got {tuple(mask_logits.shape)}")
+            raise ValueError(
+                f"mask_logits must be [B={B}, Q={Q}, h, w], got {tuple(mask_logits.shape)}"
+            )
         if class_probs.dim() != 3 or tuple(class_probs.shape[:2]) != (B, Q):
-            raise ValueError(f"class_probs must be [B={B}, Q={Q}, K+1], got {tuple(class_probs.shape)}")
+            raise ValueError(
+                f"class_probs must be [B={B}, Q={Q}, K+1], got {tuple(class_probs.shape)}"
+            )
         if self.pool_feature not in features:
             raise KeyError(
-                f"features lacks {self.pool_feature!r} (RELATION.POOL_FEATURE); has {sorted(features)}"
-            )
-        if predicate_text is None and self.closed_set_classifier is None:
-            raise ValueError(
-                "relation head: predicate_text is None and there is no closed-set classifier "
-                "(RELATION.NUM_PREDICATES is 0 and the training dataset names no predicate_classes)"
-            )
-        if predicate_text is not None and self.predicate_classifier is None:
-            raise ValueError(
-                "relation head: predicate_text given but the head was built closed-set "
-                "(MODEL.SPADE.MASK_HEAD.OPEN_VOCAB is False)"
-            )
-        if predicate_text is not None and (predicate_text.dim() != 2 or predicate_text.shape[1] != self.text_dim):
-            raise ValueError(
-                f"predicate_text must be [P, D={self.text_dim}], got {tuple(predicate_text.shape)}"
+                f"features lacks {self.pool_feature!r} (RELATION.POOL_FEATURE); "
+                f"has {sorted(features)}"
             )
         return features[self.pool_feature]
 

@@ -5,13 +5,14 @@ spatial-semantic graph [B, Q, Q] of :mod:`spade.modeling.relation.graph` (diagon
 
 RGT_g (one :class:`RGTGlobalLayer`)::
 
-    q <- q + Attn(q | P+) + Attn(q | P-)      P+ = neighbours (G), P- = non-neighbours (~G, not self)
+    q <- q + Attn(q | P+) + Attn(q | P-)     P+ = neighbours (G), P- = non-neighbours (~G, no self)
     q <- LN(q);  q <- LN(q + MLP(q))
 
 RGT_l (one :class:`GraphConvolution` inside :class:`RGTLocal`)::
 
     q_hat = A_hat q W_l,   A_hat = D^-1/2 (G + I) D^-1/2,   D = row sums of G + I
 """
+
 from typing import Optional
 
 import torch
@@ -53,7 +54,9 @@ class MaskedMultiheadAttention(nn.Module):
         """
         B, Q, C = x.shape
         if allowed.shape != (B, Q, Q):
-            raise ValueError(f"attention mask must be [B, Q, Q]={B, Q, Q}, got {tuple(allowed.shape)}")
+            raise ValueError(
+                f"attention mask must be [B, Q, Q]={B, Q, Q}, got {tuple(allowed.shape)}"
+            )
         q, k, v = self.qkv(x).reshape(B, Q, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         logits = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5  # [B, h, Q, Q]
         has_key = allowed.any(dim=-1)  # [B, Q]

@@ -2,13 +2,19 @@
 
 Shape shorthand: B batch, Q queries, S memory tokens (h * w of one scale), C channels, M heads.
 """
+
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CrossAttentionLayer", "SelfAttentionLayer", "FFNLayer", "MLP", "attention_mask_from_logits"]
+__all__ = [
+    "CrossAttentionLayer",
+    "SelfAttentionLayer",
+    "FFNLayer",
+    "MLP",
+    "attention_mask_from_logits",
+]
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -36,20 +42,33 @@ def attention_mask_from_logits(mask_logits: Tensor, size, nheads: int) -> Tensor
 class CrossAttentionLayer(nn.Module):
     """Queries attend to one scale of the pixel features (optionally masked); residual + LayerNorm."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+    def __init__(
+        self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False
+    ):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
-    def forward(self, tgt: Tensor, memory: Tensor, attn_mask: Optional[Tensor] = None,
-                pos: Optional[Tensor] = None, query_pos: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        pos: Optional[Tensor] = None,
+        query_pos: Optional[Tensor] = None,
+    ) -> Tensor:
         """tgt [B, Q, C], memory [B, S, C], attn_mask bool [B*M, Q, S] (True = blocked),
         pos [B, S, C], query_pos [B, Q, C]; returns [B, Q, C]."""
         q = self.norm(tgt) if self.normalize_before else tgt
-        out = self.attn(_with_pos(q, query_pos), _with_pos(memory, pos), memory,
-                        attn_mask=attn_mask, need_weights=False)[0]
+        out = self.attn(
+            _with_pos(q, query_pos),
+            _with_pos(memory, pos),
+            memory,
+            attn_mask=attn_mask,
+            need_weights=False,
+        )[0]
         tgt = tgt + self.dropout(out)
         return tgt if self.normalize_before else self.norm(tgt)
 
@@ -57,7 +76,9 @@ class CrossAttentionLayer(nn.Module):
 class SelfAttentionLayer(nn.Module):
     """Self-attention among the queries; residual + LayerNorm."""
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+    def __init__(
+        self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False
+    ):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.norm = nn.LayerNorm(d_model)
@@ -75,8 +96,13 @@ class SelfAttentionLayer(nn.Module):
 class FFNLayer(nn.Module):
     """Two-layer feed-forward network; residual + LayerNorm."""
 
-    def __init__(self, d_model: int, dim_feedforward: int, dropout: float = 0.0,
-                 normalize_before: bool = False):
+    def __init__(
+        self,
+        d_model: int,
+        dim_feedforward: int,
+        dropout: float = 0.0,
+        normalize_before: bool = False,
+    ):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)

@@ -3,6 +3,7 @@
 Shape shorthand: B batch, Q object queries, C = hidden_dim, Cm = mask_dim, L = 3 scales visited
 round-robin, h x w mask-feature resolution.
 """
+
 from typing import Dict, List
 
 import torch
@@ -10,7 +11,13 @@ from detectron2.config import configurable
 from torch import Tensor, nn
 
 from ..pixel_decoder.position_encoding import PositionEmbeddingSine
-from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, attention_mask_from_logits
+from .layers import (
+    MLP,
+    CrossAttentionLayer,
+    FFNLayer,
+    SelfAttentionLayer,
+    attention_mask_from_logits,
+)
 
 __all__ = ["MaskedAttentionDecoder"]
 
@@ -54,13 +61,16 @@ class MaskedAttentionDecoder(nn.Module):
         self.num_heads, self.num_layers, self.num_scales = nheads, dec_layers, num_scales
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2)
         self.cross_attention = nn.ModuleList(
-            CrossAttentionLayer(hidden_dim, nheads, normalize_before=pre_norm) for _ in range(dec_layers)
+            CrossAttentionLayer(hidden_dim, nheads, normalize_before=pre_norm)
+            for _ in range(dec_layers)
         )
         self.self_attention = nn.ModuleList(
-            SelfAttentionLayer(hidden_dim, nheads, normalize_before=pre_norm) for _ in range(dec_layers)
+            SelfAttentionLayer(hidden_dim, nheads, normalize_before=pre_norm)
+            for _ in range(dec_layers)
         )
         self.ffn = nn.ModuleList(
-            FFNLayer(hidden_dim, dim_feedforward, normalize_before=pre_norm) for _ in range(dec_layers)
+            FFNLayer(hidden_dim, dim_feedforward, normalize_before=pre_norm)
+            for _ in range(dec_layers)
         )
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query content
@@ -98,7 +108,9 @@ class MaskedAttentionDecoder(nn.Module):
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(embeddings), mask_features)
         return embeddings, masks
 
-    def forward(self, multi_scale_features: List[Tensor], mask_features: Tensor) -> Dict[str, List[Tensor]]:
+    def forward(
+        self, multi_scale_features: List[Tensor], mask_features: Tensor
+    ) -> Dict[str, List[Tensor]]:
         """
         Args:
             multi_scale_features: ``num_scales`` maps [B, C_in, h_l, w_l], coarsest first.
@@ -129,7 +141,11 @@ class MaskedAttentionDecoder(nn.Module):
             level = i % self.num_scales
             attn_mask = attention_mask_from_logits(masks, sizes[level], self.num_heads)
             output = self.cross_attention[i](
-                output, memories[level], attn_mask=attn_mask, pos=positions[level], query_pos=query_pos
+                output,
+                memories[level],
+                attn_mask=attn_mask,
+                pos=positions[level],
+                query_pos=query_pos,
             )
             output = self.self_attention[i](output, query_pos=query_pos)
             output = self.ffn[i](output)
