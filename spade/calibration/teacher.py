@@ -163,6 +163,7 @@ class TeacherMapGenerator:
             "capture_steps": sorted(self.capture_steps),
             "resolution": resolution,
             "normalization": normalization,
+            "latent_scale": float(latent_scale),
             "scheduler": {k: str(v) for k, v in sorted(dict(scheduler.config).items())},
         }
 

@@ -32,7 +32,13 @@ def test_tiny_preset_shapes_and_frozen(tiny_diffusion, tiny_clip):
     d = tiny_diffusion
     assert num_unet_downsamples(d.unet) == 3
     assert vae_downsample_factor(d.vae) == 8
-    assert d.latent_scale == pytest.approx(0.18215)
+    # TINY latents are scaled to unit variance on the seeded probe (as SD chose 0.18215)
+    g = torch.Generator().manual_seed(0)
+    probe = torch.rand(4, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        probe_latent = d.vae.encode(probe).latent_dist.mean * d.latent_scale
+    assert probe_latent.std().item() == pytest.approx(1.0, rel=1e-4)
+    assert d.latent_scale == pytest.approx(d.vae.config.scaling_factor)
     assert d.unet.config.cross_attention_dim == tiny_clip.text_width == 32
     assert d.scheduler.config.beta_schedule == "scaled_linear"
     assert d.scheduler.config.num_train_timesteps == 1000

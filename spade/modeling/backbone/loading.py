@@ -153,6 +153,20 @@ def tiny_vae_config(cfg: CfgNode) -> dict:
     )
 
 
+def unit_variance_latent_scale(vae: AutoencoderKL, size: int = 64, seed: int = 0) -> float:
+    """The latent scaling factor that gives unit-variance latents, measured on a seeded probe batch.
+
+    Stable Diffusion's 0.18215 was chosen the same way for its trained VAE; a random TINY VAE has
+    latents about 5x smaller than SD's, and with SD's factor they would reach the UNet ~30x too
+    weak (std ~0.03), starving every feature downstream.
+    """
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.rand(4, 3, size, size, generator=g) * 2 - 1
+    with torch.no_grad():
+        latent = vae.encode(probe).latent_dist.mean
+    return float(1.0 / latent.std().clamp_min(1e-6))
+
+
 def sd_scheduler() -> DDIMScheduler:
     """DDIM with Stable Diffusion's training schedule (scaled_linear 0.00085-0.012, 1000 steps)."""
     return DDIMScheduler(
@@ -183,6 +197,7 @@ def build_diffusion_parts(cfg: CfgNode) -> DiffusionParts:
             torch.manual_seed(int(d.TINY.SEED))
             unet = UNet2DConditionModel(**tiny_unet_config(cfg))
             vae = AutoencoderKL(**tiny_vae_config(cfg))
+            vae.register_to_config(scaling_factor=unit_variance_latent_scale(vae))
         scheduler = sd_scheduler()
     else:
         _check_source(source, "MODEL.SPADE.DIFFUSION.PRETRAINED")
