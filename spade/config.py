@@ -201,6 +201,7 @@ def _add_calibration_config(cfg: CN) -> None:
     c.MAP_NORMALIZATION = "max"  # per-map normalisation of A_i and A_i': "max", "sum" or "none"
     c.LOG_PERIOD = 20  # iterations between console / metrics.json / TensorBoard writes
     c.MAX_TRAIN_IMAGES = 0  # calibrate on the first N training images with relations (0 = all)
+    c.MAX_EVAL_IMAGES = 0  # held-out images for the L_cal evaluation (0 = all)
 
 
 def _add_solver_config(cfg: CN) -> None:

@@ -26,7 +26,8 @@ from detectron2.engine.defaults import default_writers
 from detectron2.solver import build_lr_scheduler
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
-from torch.nn.parallel import DistributedDataParallel
+
+from spade.engine.trainer import create_ddp_model
 
 from .builder import (
     build_calibration_test_loader,
@@ -94,21 +95,20 @@ class CalibrationTrainer(SimpleTrainer):
         eval_name = cfg.CALIBRATION.EVAL_DATASET or (
             cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else ""
         )
-        self.eval_items = calibration_items(cfg, eval_name) if eval_name else []
+        self.eval_items = (
+            calibration_items(cfg, eval_name, max_images=int(cfg.CALIBRATION.MAX_EVAL_IMAGES))
+            if eval_name
+            else []
+        )
         self.precompute_teacher_maps()
 
         model.train()
         model.vae.eval()
         model.clip_model.eval()
         optimizer = build_calibration_optimizer(cfg, model)
-        ddp_model = model
-        if comm.get_world_size() > 1:
-            device_ids = [comm.get_local_rank()] if model.device.type == "cuda" else None
-            # the last attn2 layer's to_v / to_out LoRA cannot change any captured map, so it
-            # gets no gradient from L_cal: let DDP skip such parameters
-            ddp_model = DistributedDataParallel(
-                model, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True
-            )
+        # the last attn2 layer's to_v / to_out LoRA cannot change any captured map, so it gets
+        # no gradient from L_cal: let DDP skip such parameters
+        ddp_model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True)
         loader = build_calibration_train_loader(cfg, self.train_items, self.cache)
         super().__init__(ddp_model, loader, optimizer)
         self.scheduler = build_lr_scheduler(cfg, optimizer)
