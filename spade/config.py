@@ -160,7 +160,7 @@ def _add_model_config(cfg: CN) -> None:
     s.RELATION.GRAPH_RESOLUTION = 32  # side of the downsampled masks for adjacency
     s.RELATION.KNN = 4  # k of the adaptive k-nearest-neighbour graph
     s.RELATION.NUM_PAIRS = 128  # M: candidate (subject, object) pairs per image
-    s.RELATION.PAIR_CHUNK = 4096  # pairs scored per chunk (bounds memory for large Q)
+    s.RELATION.PAIR_CHUNK = 1024  # pairs scored per chunk (bounds memory for large Q)
     s.RELATION.USE_NEIGHBOUR_ATTENTION = True  # ablation: RGT_g over neighbours P+
     s.RELATION.USE_NON_NEIGHBOUR_ATTENTION = True  # ablation: RGT_g over non-neighbours P-
     s.RELATION.USE_LOCAL_GCN = True  # ablation: RGT_l

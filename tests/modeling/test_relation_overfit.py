@@ -39,7 +39,8 @@ def _cfg(config_file):
     m.DEC_LAYERS, m.TRAIN_NUM_POINTS = 3, 256
     r = s.RELATION
     r.HIDDEN_DIM, r.NHEADS, r.DIM_FEEDFORWARD, r.NUM_PAIRS, r.GRAPH_RESOLUTION = 32, 4, 64, 48, 16
-    s.OPEN_VOCAB.USE_CLIP_BRANCH = False  # the random TINY CLIP knows nothing to fuse
+    # the random TINY CLIP knows nothing worth fusing, for classes or predicates
+    s.OPEN_VOCAB.USE_CLIP_BRANCH = r.USE_CLIP_BRANCH = False
     s.TEST.OBJECT_MASK_THRESHOLD = 0.5
     return cfg
 

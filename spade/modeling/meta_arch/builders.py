@@ -14,7 +14,7 @@ from ..pixel_decoder import build_pixel_decoder
 from ..relation import build_relation_head
 from ..transformer_decoder import MaskedAttentionDecoder
 from .query_classifier import ClosedSetClassifier, OpenVocabClassifier
-from .vocabulary import vocabulary_from_metadata
+from .vocabulary import base_vocabulary, vocabulary_from_metadata
 
 __all__ = ["build_spade_parts", "build_criterion", "build_vocabularies"]
 
@@ -42,7 +42,8 @@ def build_criterion(cfg: CfgNode) -> SetCriterion:
 
 
 def build_vocabularies(cfg: CfgNode):
-    """(train, test) vocabularies: DATASETS.TRAIN[0]'s classes; at test, OPEN_VOCAB.CLASS_NAMES /
+    """(train, test) vocabularies: DATASETS.TRAIN[0]'s classes (only its base classes and
+    predicates when it has an open-vocabulary split and the classifier is open-vocabulary); at test, OPEN_VOCAB.CLASS_NAMES /
     PREDICATE_NAMES when given, else DATASETS.TEST[0]'s (else the training dataset's)."""
     if not cfg.DATASETS.TRAIN:
         raise ValueError(
@@ -50,6 +51,8 @@ def build_vocabularies(cfg: CfgNode):
         )
     train_name = cfg.DATASETS.TRAIN[0]
     train = vocabulary_from_metadata(train_name)
+    if cfg.MODEL.SPADE.MASK_HEAD.OPEN_VOCAB:  # novel names stay out of every training loss
+        train = base_vocabulary(train, MetadataCatalog.get(train_name).get("ov_split", None))
     test_name = train_name
     if cfg.DATASETS.TEST and MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", None):
         test_name = cfg.DATASETS.TEST[0]

@@ -226,7 +226,7 @@ class SPADE(nn.Module):
             if "instances" not in x:
                 raise KeyError(f"SPADE: training input {name} has no 'instances'")
             inst = x["instances"].to(self.device)
-            labels = inst.gt_classes.long()
+            labels = self._to_train_ids(inst.gt_classes.long(), "class", name)
             if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
                 raise ValueError(
                     f"SPADE: image {name}: gt_classes {labels.tolist()} outside [0, {num_classes})"
@@ -235,11 +235,30 @@ class SPADE(nn.Module):
             gt_masks = gt_masks.tensor if hasattr(gt_masks, "tensor") else gt_masks
             masks = torch.zeros((len(labels), height, width), dtype=torch.bool, device=self.device)
             masks[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks.bool()
-            relations = x.get("gt_relations", torch.zeros((0, 3), dtype=torch.long))
+            relations = x.get("gt_relations", torch.zeros((0, 3), dtype=torch.long)).to(self.device)
+            if len(relations):
+                predicates = self._to_train_ids(relations[:, 2].long(), "predicate", name)
+                relations = torch.cat([relations[:, :2], predicates[:, None]], dim=1)
             targets.append(
-                {"labels": labels, "masks": masks, "gt_relations": relations.to(self.device)}
+                {"labels": labels, "masks": masks, "gt_relations": relations}
             )
         return targets
+
+    def _to_train_ids(self, ids: Tensor, kind: str, image: str) -> Tensor:
+        """Dataset class / predicate ids -> training-vocabulary indices (identity without an
+        open-vocabulary split); a novel id in a training target is an error, never a silent loss."""
+        lut = self.train_vocabulary.label_lookup(kind)
+        if lut is None or ids.numel() == 0:
+            return ids
+        table = torch.tensor(lut, dtype=torch.long, device=ids.device)
+        bad = (ids < 0) | (ids >= len(lut))
+        mapped = torch.where(bad, torch.full_like(ids, -1), table[ids.clamp(0, len(lut) - 1)])
+        if bool((mapped < 0).any()):
+            raise ValueError(
+                f"SPADE: image {image}: training {kind} ids {sorted(set(ids[mapped < 0].tolist()))} "
+                "are not in the training vocabulary (novel names must be filtered from training data)"
+            )
+        return mapped
 
     def forward(self, batched_inputs: List[Dict]):
         """Losses (training) or per-image results (inference); see the class docstring."""

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Tuple
 
 from detectron2.data import MetadataCatalog
 
-__all__ = ["Vocabulary", "vocabulary_from_metadata"]
+__all__ = ["Vocabulary", "vocabulary_from_metadata", "base_vocabulary"]
 
 
 @dataclass(frozen=True)
@@ -14,12 +14,29 @@ class Vocabulary:
 
     ``class_names``: K names; ``is_thing``: K bools; ``predicate_names``: P names;
     ``novel_classes``: K bools, True for classes unseen in training (weight ``beta`` in fusion).
+    ``source_class_ids`` / ``source_predicate_ids``: for a vocabulary that is a subset of its
+    dataset's (the base classes of an open-vocabulary split), the dataset id of each entry; empty
+    means the identity. Training targets are remapped through them (:meth:`label_lookup`).
     """
 
     class_names: Tuple[str, ...]
     is_thing: Tuple[bool, ...]
     predicate_names: Tuple[str, ...] = ()
     novel_classes: Tuple[bool, ...] = field(default=())
+    source_class_ids: Tuple[int, ...] = field(default=())
+    source_predicate_ids: Tuple[int, ...] = field(default=())
+
+    def label_lookup(self, kind: str) -> Optional[Tuple[int, ...]]:
+        """Dataset id -> vocabulary index (-1: not in this vocabulary), or None for the identity.
+
+        ``kind`` is "class" or "predicate"."""
+        ids = self.source_class_ids if kind == "class" else self.source_predicate_ids
+        if not ids:
+            return None
+        lut = [-1] * (max(ids) + 1)
+        for index, source in enumerate(ids):
+            lut[source] = index
+        return tuple(lut)
 
     def __post_init__(self):
         if len(self.class_names) == 0:
@@ -69,3 +86,23 @@ def vocabulary_from_metadata(
     seen = set(seen_class_names) if seen_class_names is not None else None
     novel_flags = [n in novel or (seen is not None and n not in seen) for n in names]
     return Vocabulary(tuple(names), tuple(flags), tuple(predicates), tuple(novel_flags))
+
+
+def base_vocabulary(vocab: Vocabulary, ov_split: Optional[dict]) -> Vocabulary:
+    """The training vocabulary of an open-vocabulary split: ``vocab`` without the novel classes
+    and predicates (so they never reach a training loss, not even as negatives), with the dataset
+    ids of the kept entries. Without a split, ``vocab`` itself."""
+    if not ov_split:
+        return vocab
+    novel_objects = set(ov_split.get("novel_objects", []))
+    novel_predicates = set(ov_split.get("novel_predicates", []))
+    keep = [i for i, n in enumerate(vocab.class_names) if n not in novel_objects]
+    keep_p = [i for i, n in enumerate(vocab.predicate_names) if n not in novel_predicates]
+    return Vocabulary(
+        tuple(vocab.class_names[i] for i in keep),
+        tuple(vocab.is_thing[i] for i in keep),
+        tuple(vocab.predicate_names[i] for i in keep_p),
+        (False,) * len(keep),
+        tuple(keep),
+        tuple(keep_p),
+    )
