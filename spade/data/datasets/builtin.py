@@ -1,7 +1,8 @@
 """Built-in dataset registrations (imported by ``spade.data.datasets``).
 
-* PSG: ``psg_train`` / ``psg_val`` / ``psg_test`` (plus ``psg_{train,val,test}_ov`` when
-  ``SPADE_PSG_OV_SPLIT`` names an open-vocabulary split json) when the annotation file exists,
+* PSG: ``psg_train`` / ``psg_val`` / ``psg_test`` and ``psg_{train,val,test}_ov`` (SPADE's fixed
+  split ``datasets/splits/psg_ov_split.json``, or the json ``SPADE_PSG_OV_SPLIT`` names; "" turns
+  the _ov variants off) when the annotation file exists,
   silently skipped otherwise. Paths (environment variables, defaults in brackets):
   ``SPADE_PSG_JSON`` [$DETECTRON2_DATASETS/psg/psg.json], ``SPADE_PSG_IMAGE_ROOT``
   [$DETECTRON2_DATASETS/coco], ``SPADE_PSG_SEG_ROOT`` [$DETECTRON2_DATASETS/coco];
@@ -28,6 +29,7 @@ from .vg import VG150_OV_SPLIT_FILE, register_vg150
 __all__ = [
     "PSG_PREDICATE_CLASSES",
     "PSG_CLASSES",
+    "PSG_OV_SPLIT_FILE",
     "register_all_psg",
     "register_all_vg150",
     "register_all_synthpsg",
@@ -43,6 +45,10 @@ PSG_PREDICATE_CLASSES = [
     "slicing", "driving", "riding", "parked on", "driving on", "about to hit", "kicking",
     "swinging", "entering", "exiting", "enclosing", "leaning on",
 ]  # fmt: skip
+# SPADE's fixed base/novel split of PSG (rule inside; datasets/make_psg_ov_split.py writes it)
+PSG_OV_SPLIT_FILE = os.path.join(
+    os.path.dirname(__file__), "..", "..", "..", "datasets", "splits", "psg_ov_split.json"
+)
 _VG_FILES = ("VG-SGG-with-attri.h5", "VG-SGG-dicts-with-attri.json", "image_data.json")
 PSG_CLASSES = {
     "thing_classes": [c["name"] for c in COCO_CATEGORIES if c["isthing"]],
@@ -59,7 +65,7 @@ def register_all_psg(datasets_root: str = "") -> None:
     seg_root = os.environ.get("SPADE_PSG_SEG_ROOT", os.path.join(root, "coco"))
     if not os.path.isfile(json_file):
         return
-    ov_file = os.environ.get("SPADE_PSG_OV_SPLIT", "")
+    ov_file = os.environ.get("SPADE_PSG_OV_SPLIT", PSG_OV_SPLIT_FILE)
     splits = [
         (f"psg_{s}{sfx}", s, ov)
         for sfx, ov in [("", None), ("_ov", ov_file or None)]
