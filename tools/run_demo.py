@@ -43,6 +43,7 @@ def _run(cmd, log_name: str, out: str) -> None:
         )
         for line in proc.stdout:
             sys.stdout.write(line)
+            sys.stdout.flush()
             log.write(line)
         rc = proc.wait()
     if rc != 0:
