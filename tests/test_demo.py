@@ -215,7 +215,8 @@ def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch, syn
          "--predicates", "on,next to,left of",
          "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
          "MODEL.SPADE.TEST.OVERLAP_THRESHOLD", "0.0",
-         "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD", "0.0"] + synthpsg_opts
+         "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD", "0.0", "SEED", "0",
+         "MODEL.SPADE.RELATION.NUM_PAIRS", "1000"] + synthpsg_opts
     )  # fmt: skip
     assert len(written) == 2
     for stem, (h, w) in (("synth", (64, 64)), ("coffee", (100, 150))):
@@ -258,7 +259,7 @@ def test_demo_command_line_runs_in_a_fresh_process(tmp_path, synthpsg_opts):
     assert all(t["subject_id"] in ids and t["object_id"] in ids for t in data["triplets"])
     assert Image.open(tmp_path / "out" / "s_panoptic.png").size == (64 * 6 + 360, 64 * 6)
     assert Image.open(tmp_path / "out" / "s_graph.png").size == (64 * 6, 64 * 6)
-    missing = subprocess.run(cmd[:4] + [str(tmp_path / "nope.png")] + cmd[5:], cwd=str(tmp_path),
+    missing = subprocess.run(cmd[:5] + [str(tmp_path / "nope.png")] + cmd[6:], cwd=str(tmp_path),
                              env=env, capture_output=True, text=True)  # fmt: skip
     assert missing.returncode != 0 and "nope.png does not exist" in missing.stderr
 

@@ -12,6 +12,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
 
 from spade.config import add_spade_config
 
@@ -36,7 +37,9 @@ def setup_cfg(args, *, freeze: bool = True, do_default_setup: bool = True) -> Cf
     if freeze:
         cfg.freeze()
     if do_default_setup:
-        default_setup(cfg, args)
+        default_setup(cfg, args)  # logger, config backup, seeds (cfg.SEED)
+    elif cfg.SEED >= 0:
+        seed_all_rng(cfg.SEED)  # same seed, same randomly initialised parts
     prepare_datasets(cfg)
     return cfg
 

@@ -137,7 +137,9 @@ def test_merge_for_inference_matches_and_unmerges_for_training(make_cfg):
     with torch.no_grad():
         a, b = plain(x), merged(x)
     assert merged._lora_merged
-    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)  # GN amplifies 1e-6 UNet diffs
+    for k in a:  # GroupNorm amplifies the ~1e-6 differences of merged vs unmerged UNet weights
+        err = (a[k] - b[k]).abs().max() / a[k].abs().max()
+        assert err < 5e-3, (k, float(err))  # measured up to 7e-4; a missing merge is O(1)
     merged.train()
     assert not merged._lora_merged
     layer = merged.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_q")
