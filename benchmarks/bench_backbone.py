@@ -30,6 +30,7 @@ from detectron2.config import get_cfg
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
 from spade.config import add_spade_config  # noqa: E402
@@ -41,6 +42,7 @@ from spade.modeling.backbone.loading import (  # noqa: E402
     sd_scheduler,
 )
 from spade.modeling.backbone.lora import apply_lora  # noqa: E402
+from sd15_shapes import SD15_UNET, SD15_VAE  # noqa: E402
 
 
 def _rss_bytes() -> int:
@@ -103,18 +105,8 @@ def build_sd15() -> DiffusionBackbone:
     cfg = base_cfg()
     cfg.MODEL.SPADE.CLIP.MODEL_NAME = "ViT-L-14"
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2
-    )
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    unet = UNet2DConditionModel(**SD15_UNET)
+    vae = AutoencoderKL(**SD15_VAE)
     for module in (unet, vae):
         module.eval().requires_grad_(False)
     diffusion = DiffusionParts(vae, unet, sd_scheduler(), 0.18215)

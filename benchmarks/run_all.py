@@ -2,7 +2,8 @@
 
 Each script runs as a subprocess with ``--out benchmarks/results/<name>.json`` and prints its own
 table as it goes; this script then renders every JSON's ``rows`` as a Markdown table under a header
-naming the machine it ran on (CPU model, cores, memory, torch version, threads).
+naming the machine it ran on (CPU model, cores, memory, torch version, threads); every row also
+carries the machine in its last column.
 
     python benchmarks/run_all.py [--only evaluator relation_head] [--quick]
 """
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
     host = machine()
+    short_host = host.split(";")[0]
     sections = []
     for name in args.only:
         script, full, quick = BENCHMARKS[name]
@@ -100,6 +102,7 @@ def main(argv=None) -> int:
         with open(out) as f:
             payload = json.load(f)
         rows = payload.get("rows", [payload]) if isinstance(payload, dict) else payload
+        rows = [{**row, "machine": short_host} for row in rows]
         extra = {k: v for k, v in payload.items() if k != "rows" and not isinstance(v, (dict, list))}
         note = ", ".join(f"{k}: {v}" for k, v in extra.items())
         sections.append(

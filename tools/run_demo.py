@@ -130,7 +130,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _fmt(value) -> str:
+    return "   n/a" if value is None else f"{value:6.2f}"
+
+
 def _print_table(result_files) -> None:
+    """Print R/mR@K (benchmark protocol, strict variant beside it) and PQ from the evaluator JSON.
+
+    "n/a": the benchmark's R@K leaves out images without predicted relations, so it is undefined
+    when no image has any; the strict column counts such images as 0.
+    """
     for path in result_files:
         try:
             with open(path) as f:
@@ -141,12 +150,15 @@ def _print_table(result_files) -> None:
         if not isinstance(psg, dict) or "R@50" not in psg:
             continue
         print(f"\nSynthPSG val ({os.path.relpath(path)}):")
+        print(f"  {'metric':<8}{'value':>6}  {'strict':>6}")
         for key in TABLE_KEYS:
-            print(f"  {key:<8}{psg[key]:6.2f}")
+            print(f"  {key:<8}{_fmt(psg[key])}  {_fmt(psg.get(key + '_strict'))}")
+        n, n_all = int(psg.get("num_images", 0)), int(psg.get("num_images_strict", 0))
+        print(f"  images with predicted relations: {n} of {n_all}")
         pan = res.get("panoptic_seg", {})
-        for key in ("PQ", "SQ", "RQ"):
+        for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
             if key in pan:
-                print(f"  {key:<8}{pan[key]:6.2f}")
+                print(f"  {key:<8}{_fmt(pan[key])}")
         return
 
 
