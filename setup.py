@@ -4,6 +4,7 @@
 A detectron2 project extension. detectron2 itself is not on PyPI: ``tools/install_detectron2.sh``
 installs it (``make install`` runs it), or install the official build from source first.
 """
+
 from setuptools import find_packages, setup
 
 setup(

@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from sd15_shapes import SD15_UNET, SD15_VAE  # noqa: E402
 
 from spade.config import add_spade_config  # noqa: E402
 from spade.modeling.backbone.diffusion_backbone import DiffusionBackbone  # noqa: E402
@@ -42,7 +43,6 @@ from spade.modeling.backbone.loading import (  # noqa: E402
     sd_scheduler,
 )
 from spade.modeling.backbone.lora import apply_lora  # noqa: E402
-from sd15_shapes import SD15_UNET, SD15_VAE  # noqa: E402
 
 
 def _rss_bytes() -> int:

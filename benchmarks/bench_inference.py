@@ -12,8 +12,8 @@ RSS of the built model.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_inference.py --presets tiny sd15 --out results.json
 """
+
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,13 +36,20 @@ from spade.data.synthpsg import PREDICATE_CLASSES, STUFF_CLASSES, THING_CLASSES 
 
 TINY_CONFIG = os.path.join(HERE, "..", "configs", "synthetic", "spade_tiny_synthpsg.yaml")
 SD15_OPTS = [
-    "MODEL.SPADE.DIFFUSION.TINY.BLOCK_OUT_CHANNELS", [320, 640, 1280, 1280],
-    "MODEL.SPADE.DIFFUSION.TINY.LAYERS_PER_BLOCK", 2,
-    "MODEL.SPADE.DIFFUSION.TINY.ATTENTION_HEAD_DIM", 8,
-    "MODEL.SPADE.DIFFUSION.TINY.CROSS_ATTENTION_DIM", 768,
-    "MODEL.SPADE.DIFFUSION.TINY.VAE_BLOCK_OUT_CHANNELS", [128, 256, 512, 512],
-    "MODEL.SPADE.CLIP.MODEL_NAME", "ViT-L-14",
-    "MODEL.SPADE.CLIP.PRETRAINED", "",
+    "MODEL.SPADE.DIFFUSION.TINY.BLOCK_OUT_CHANNELS",
+    [320, 640, 1280, 1280],
+    "MODEL.SPADE.DIFFUSION.TINY.LAYERS_PER_BLOCK",
+    2,
+    "MODEL.SPADE.DIFFUSION.TINY.ATTENTION_HEAD_DIM",
+    8,
+    "MODEL.SPADE.DIFFUSION.TINY.CROSS_ATTENTION_DIM",
+    768,
+    "MODEL.SPADE.DIFFUSION.TINY.VAE_BLOCK_OUT_CHANNELS",
+    [128, 256, 512, 512],
+    "MODEL.SPADE.CLIP.MODEL_NAME",
+    "ViT-L-14",
+    "MODEL.SPADE.CLIP.PRETRAINED",
+    "",
 ]
 PRESETS = {"tiny": (128, []), "sd15": (512, SD15_OPTS)}
 

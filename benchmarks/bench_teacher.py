@@ -17,7 +17,6 @@ Prints a table and writes JSON (``--out``). Example::
 
 import argparse
 import functools
-import json
 import os
 import platform
 import sys

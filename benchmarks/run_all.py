@@ -7,6 +7,7 @@ carries the machine in its last column.
 
     python benchmarks/run_all.py [--only evaluator relation_head] [--quick]
 """
+
 import argparse
 import json
 import os
@@ -103,7 +104,9 @@ def main(argv=None) -> int:
             payload = json.load(f)
         rows = payload.get("rows", [payload]) if isinstance(payload, dict) else payload
         rows = [{**row, "machine": short_host} for row in rows]
-        extra = {k: v for k, v in payload.items() if k != "rows" and not isinstance(v, (dict, list))}
+        extra = {
+            k: v for k, v in payload.items() if k != "rows" and not isinstance(v, (dict, list))
+        }
         note = ", ".join(f"{k}: {v}" for k, v in extra.items())
         sections.append(
             f"## {TITLES[name]}\n\nMachine: {host}. Took {time.time() - t0:.0f} s."

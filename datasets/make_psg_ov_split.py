@@ -10,8 +10,8 @@ reproduce it byte for byte.
 
     python datasets/make_psg_ov_split.py [--out datasets/splits/psg_ov_split.json]
 """
+
 import argparse
-import json
 import os
 import sys
 

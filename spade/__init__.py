@@ -2,8 +2,11 @@
 
 Importing ``spade`` registers its datasets, backbone, meta-architecture and heads with detectron2.
 """
-from . import data  # noqa: F401  (registers the PSG / VG150 / SynthPSG datasets and the mapper)
-from . import modeling  # noqa: F401  (registers the diffusion backbone, SPADE, pixel decoder, heads)
+
+from . import (
+    data,  # noqa: F401  (registers the PSG / VG150 / SynthPSG datasets and the mapper)
+    modeling,  # noqa: F401  (registers the diffusion backbone, SPADE, pixel decoder, heads)
+)
 from .config import add_spade_config
 
 __version__ = "0.1.0"

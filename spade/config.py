@@ -3,6 +3,7 @@
 One CN node per component; every key carries a one-line comment, naming the paper's symbol where
 there is one. Call :func:`add_spade_config` on a fresh ``get_cfg()`` before merging a SPADE YAML.
 """
+
 from detectron2.config import CfgNode as CN
 
 
@@ -46,7 +47,9 @@ def _add_model_config(cfg: CN) -> None:
     s.DIFFUSION.PRETRAINED = ""  # diffusers-format directory or hub id (SD 1.5); "" = TINY preset
     s.DIFFUSION.DTYPE = "float32"  # dtype of the frozen diffusion parts ("float16" on GPU)
     s.DIFFUSION.TIMESTEP = 0  # t of the single feature-extraction UNet pass (0 = clean latent)
-    s.DIFFUSION.NOISE_SEED = 0  # seed of the fixed noise added at TIMESTEP (deterministic inference)
+    s.DIFFUSION.NOISE_SEED = (
+        0  # seed of the fixed noise added at TIMESTEP (deterministic inference)
+    )
     s.DIFFUSION.FEATURE_BLOCKS = ["up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3"]
     # ^ decoder blocks whose outputs become multi-scale features (named, not indexed)
     s.DIFFUSION.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # backbone output names
@@ -97,7 +100,11 @@ def _add_model_config(cfg: CN) -> None:
     s.OPEN_VOCAB = CN()
     s.OPEN_VOCAB.TEMPLATES = ["a photo of a {}.", "a {} in the scene.", "there is a {}."]
     # ^ prompt templates ensembled for class names
-    s.OPEN_VOCAB.PREDICATE_TEMPLATES = ["{}", "something {} something.", "a photo of a thing {} another thing."]
+    s.OPEN_VOCAB.PREDICATE_TEMPLATES = [
+        "{}",
+        "something {} something.",
+        "a photo of a thing {} another thing.",
+    ]
     # ^ prompt templates ensembled for predicate names
     s.OPEN_VOCAB.ALPHA = 0.34  # alpha: P = P_diff^alpha * P_clip^(1-alpha), seen (base) classes
     s.OPEN_VOCAB.BETA = 0.34  # the same weight for novel classes

@@ -1,4 +1,5 @@
 """Suite-wide settings: offline hubs, a non-interactive plotting backend, few threads."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

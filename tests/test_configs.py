@@ -1,4 +1,5 @@
 """Every shipped YAML config merges onto add_spade_config (no unknown or misspelled key)."""
+
 import glob
 import os
 

@@ -3,6 +3,7 @@
 These run ``projects/SPADE/train_net.py`` as users do, in subprocesses, on a micro config (the
 instant config shrunk further through command-line opts) and a 24-image SynthPSG.
 """
+
 import json
 import os
 import signal
@@ -16,12 +17,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "projects", "SPADE", "train_net.py")
 INSTANT = os.path.join(ROOT, "configs", "quick_schedules", "spade_instant_test.yaml")
 MICRO_OPTS = [
-    "MODEL.SPADE.MASK_HEAD.NUM_OBJECT_QUERIES", "8",
-    "MODEL.SPADE.MASK_HEAD.DEC_LAYERS", "2",
-    "MODEL.SPADE.MASK_HEAD.TRAIN_NUM_POINTS", "128",
-    "MODEL.SPADE.RELATION.NUM_PAIRS", "16",
-    "INPUT.IMAGE_SIZE", "64",
-    "SOLVER.IMS_PER_BATCH", "2",
+    "MODEL.SPADE.MASK_HEAD.NUM_OBJECT_QUERIES",
+    "8",
+    "MODEL.SPADE.MASK_HEAD.DEC_LAYERS",
+    "2",
+    "MODEL.SPADE.MASK_HEAD.TRAIN_NUM_POINTS",
+    "128",
+    "MODEL.SPADE.RELATION.NUM_PAIRS",
+    "16",
+    "INPUT.IMAGE_SIZE",
+    "64",
+    "SOLVER.IMS_PER_BATCH",
+    "2",
 ]
 
 
@@ -31,15 +38,26 @@ def _env():
 
 def _cmd(out_dir, data_dir, *extra, num_gpus=1):
     return [
-        sys.executable, TRAIN_NET, "--config-file", INSTANT, "--num-gpus", str(num_gpus),
+        sys.executable,
+        TRAIN_NET,
+        "--config-file",
+        INSTANT,
+        "--num-gpus",
+        str(num_gpus),
         *[a for a in extra if a.startswith("--")],
-        "OUTPUT_DIR", str(out_dir), "DATASETS.SYNTHPSG.ROOT", str(data_dir), *MICRO_OPTS,
+        "OUTPUT_DIR",
+        str(out_dir),
+        "DATASETS.SYNTHPSG.ROOT",
+        str(data_dir),
+        *MICRO_OPTS,
         *[a for a in extra if not a.startswith("--")],
     ]
 
 
 def _run(cmd, timeout=600):
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout + proc.stderr
 
@@ -61,16 +79,30 @@ def data_dir(tmp_path_factory):
 
 def test_two_cpu_processes_train_checkpoint_once_and_gather_evaluation(tmp_path, data_dir):
     out = tmp_path / "ddp"
-    log = _run(_cmd(out, data_dir, "SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2",
-                    "TEST.EVAL_PERIOD", "4", num_gpus=2))
+    log = _run(
+        _cmd(
+            out,
+            data_dir,
+            "SOLVER.MAX_ITER",
+            "4",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "2",
+            "TEST.EVAL_PERIOD",
+            "4",
+            num_gpus=2,
+        )
+    )
     assert "World size: 2" in log
     files = sorted(os.listdir(out))
     # written once, by the main process only: no stray temp files, no per-rank copies
     ckpts = [f for f in files if f.endswith((".safetensors", ".state.pth"))]
     assert ckpts == [
-        "model_0000001.safetensors", "model_0000001.state.pth",
-        "model_0000003.safetensors", "model_0000003.state.pth",
-        "model_final.safetensors", "model_final.state.pth",
+        "model_0000001.safetensors",
+        "model_0000001.state.pth",
+        "model_0000003.safetensors",
+        "model_0000003.state.pth",
+        "model_final.safetensors",
+        "model_final.state.pth",
     ]
     assert not [f for f in files if f.endswith(".tmp")]
     assert (out / "last_checkpoint").read_text() == "model_final.safetensors"
@@ -79,7 +111,9 @@ def test_two_cpu_processes_train_checkpoint_once_and_gather_evaluation(tmp_path,
     # evaluation gathered from both ranks equals a single-process evaluation of the same weights
     res2 = json.loads((out / "inference" / "synthpsg_val" / "psg_evaluation.json").read_text())
     single = tmp_path / "single"
-    _run(_cmd(single, data_dir, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.safetensors")))
+    _run(
+        _cmd(single, data_dir, "--eval-only", "MODEL.WEIGHTS", str(out / "model_final.safetensors"))
+    )
     res1 = json.loads((single / "inference" / "synthpsg_val" / "psg_evaluation.json").read_text())
     n_val = sum(1 for i in range(24) if i % 10 == 7)
     assert res2["psg"]["num_images_strict"] == n_val
@@ -94,8 +128,9 @@ def test_kill_minus_nine_then_resume_finishes_all_iterations(tmp_path, data_dir)
     out = tmp_path / "resume"
     max_iter = 60  # long enough after the iteration-7 checkpoint that the kill lands mid-run
     cmd = _cmd(out, data_dir, "SOLVER.MAX_ITER", str(max_iter), "SOLVER.CHECKPOINT_PERIOD", "4")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     target = out / "model_0000007.state.pth"
     deadline = time.time() + 540
     try:

@@ -12,6 +12,7 @@ Each stage runs its real entry point (calibrate_net.py, train_net.py, demo.py) a
 so its progress (detectron2's logger with ETA, tqdm bars) shows as it goes. An interrupted run
 continues from the last checkpoint the next time (`--resume`).
 """
+
 import argparse
 import glob
 import json
@@ -117,7 +118,9 @@ def main(argv=None) -> int:
     with open(os.path.join(data_root, "psg.json")) as f:
         psg = json.load(f)
     val_ids = set(psg.get("val_image_ids", psg["test_image_ids"]))
-    files = [os.path.join(data_root, d["file_name"]) for d in psg["data"] if d["image_id"] in val_ids]
+    files = [
+        os.path.join(data_root, d["file_name"]) for d in psg["data"] if d["image_id"] in val_ids
+    ]
     cmd = [py, "projects/SPADE/demo.py", "--config-file", STAGE2_CONFIG, "--output", vis_dir]
     cmd += ["--input"] + files[: args.num_vis] + ["--opts", "MODEL.WEIGHTS", final] + common
     _run(cmd, "vis", out)
@@ -125,8 +128,11 @@ def main(argv=None) -> int:
     _banner(f"done in {(time.time() - t0) / 60:.1f} min; everything is under {out}")
     results = sorted(glob.glob(os.path.join(eval_dir, "**", "*.json"), recursive=True))
     _print_table(results)
-    print(f"\nOutputs: {out}\n  stage1/ (calibrated LoRA + adapter)  stage2/ (model)  "
-          f"eval/ (metrics JSON, per-predicate chart)  vis/ (PNG + JSON)  logs/", flush=True)
+    print(
+        f"\nOutputs: {out}\n  stage1/ (calibrated LoRA + adapter)  stage2/ (model)  "
+        f"eval/ (metrics JSON, per-predicate chart)  vis/ (PNG + JSON)  logs/",
+        flush=True,
+    )
     return 0
 
 

@@ -10,6 +10,7 @@
 The logic lives in tested modules (spade.engine, spade.data, spade.evaluation); the Trainer below
 only picks SPADE's data loaders, evaluator and optimizer.
 """
+
 import os
 import sys
 

@@ -12,8 +12,12 @@ import os
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
 
 from spade.modeling.backbone import (
     apply_lora,

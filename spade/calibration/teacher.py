@@ -29,7 +29,6 @@ from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tup
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from spade.utils.io import atomic_save_safetensors

@@ -113,7 +113,9 @@ class CalibrationTrainer(SimpleTrainer):
         super().__init__(ddp_model, loader, optimizer)
         self.scheduler = build_lr_scheduler(cfg, optimizer)
         self.checkpointer = CalibrationCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=self  # trainer state: iteration, optimizer, LR
+            model,
+            cfg.OUTPUT_DIR,
+            trainer=self,  # trainer state: iteration, optimizer, LR
         )
         self.start_iter = 0
         self.last_eval: Dict[str, Dict[str, float]] = {}

@@ -12,6 +12,7 @@ Both are written atomically, then ``last_checkpoint`` is re-tagged atomically, s
 at any moment leaves the previous checkpoint intact and ``--resume`` finds a complete one.
 Loading accepts ``.safetensors`` and ``.pth`` (weights_only); pickled ``.pkl`` files are refused.
 """
+
 import os
 from typing import Any, Dict, List
 
@@ -46,7 +47,9 @@ def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The model's state dict without the keys under :func:`frozen_state_prefixes`."""
     model = _unwrap(model)
     prefixes = tuple(frozen_state_prefixes(model))
-    return {k: v for k, v in model.state_dict().items() if not (prefixes and k.startswith(prefixes))}
+    return {
+        k: v for k, v in model.state_dict().items() if not (prefixes and k.startswith(prefixes))
+    }
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -126,4 +129,3 @@ def _load_weights_only(filename: str) -> Dict[str, Any]:
             f"Checkpoint {filename} could not be read with torch.load(weights_only=True) "
             f"(corrupt, truncated, or it holds pickled objects): {e}"
         ) from e
-

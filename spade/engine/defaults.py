@@ -6,8 +6,10 @@
   (main process only; the others wait), and registers it at the configured root.
 - :func:`run_training`: the usual detectron2 ``--eval-only`` / ``--resume`` / train flow.
 """
+
 import logging
 import os
+
 import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup

@@ -10,6 +10,7 @@ Gradient clipping follows ``SOLVER.CLIP_GRADIENTS``: ``full_model`` clips the gl
 trainable parameters (as Mask2Former-style trainers do); ``value`` / ``norm`` use detectron2's
 per-parameter clippers.
 """
+
 from typing import Any, Dict, List, Type
 
 import torch

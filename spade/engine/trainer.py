@@ -8,6 +8,7 @@
 - :class:`SPADETrainer`: a DefaultTrainer using the two above and the safetensors checkpointer.
   Entry points subclass it and override only the builders they need.
 """
+
 import logging
 import weakref
 from typing import Dict
@@ -61,7 +62,9 @@ class GuardedTrainer(SimpleTrainer):
     def __init__(self, model, data_loader, optimizer, *, nonfinite_policy: str = "raise"):
         super().__init__(model, data_loader, optimizer)
         if nonfinite_policy not in ("raise", "skip"):
-            raise ValueError(f"SOLVER.NONFINITE_LOSS must be raise or skip, got {nonfinite_policy!r}")
+            raise ValueError(
+                f"SOLVER.NONFINITE_LOSS must be raise or skip, got {nonfinite_policy!r}"
+            )
         self.nonfinite_policy = nonfinite_policy
         self.skipped_steps = 0
 

@@ -98,7 +98,7 @@ def summarize(
     for r in recs:
         if r.predicates.max() >= num_p:
             raise ValueError(
-                f"image {r.image_id}: ground-truth predicate out of range 0..{num_p-1}"
+                f"image {r.image_id}: ground-truth predicate out of range 0..{num_p - 1}"
             )
     flat = _Flat(recs, protocol)
     standard, strict = flat.has_rows, np.ones(flat.num_images, dtype=bool)

@@ -70,8 +70,9 @@ def test_belm_coefficients_hand_values():
     assert torch.isclose(c_cur, (h2**2 - h1**2) / h2**2 * a[0] / a[1])
     assert torch.isclose(c_eps, h1 * (h1 + h2) / h2 * a[0])
     # a constant eps makes every sampler exact: x_t = alpha_t x0 + sigma_t eps
-    x0, e = torch.ones(1, 1, 2, 2, dtype=torch.float64), torch.full(
-        (1, 1, 2, 2), 0.5, dtype=torch.float64
+    x0, e = (
+        torch.ones(1, 1, 2, 2, dtype=torch.float64),
+        torch.full((1, 1, 2, 2), 0.5, dtype=torch.float64),
     )
     fn = lambda x, t, i: e  # noqa: E731
     res = inv.belm_invert(fn, x0, grid)

@@ -45,7 +45,7 @@ def _mapper(augs, is_train=True, **kw):
         image_format="RGB",
         flip_perm=perm,
         min_keep_area=kw.pop("min_keep_area", 16),
-        **kw
+        **kw,
     )
 
 

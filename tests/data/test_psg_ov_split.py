@@ -1,4 +1,5 @@
 """SPADE's fixed open-vocabulary split of PSG: reproducible from its rule, disjoint, complete."""
+
 import json
 import os
 import subprocess
@@ -14,7 +15,8 @@ def test_committed_split_is_what_the_rule_writes(tmp_path):
     out = tmp_path / "split.json"
     subprocess.run(
         [sys.executable, os.path.join(ROOT, "datasets", "make_psg_ov_split.py"), "--out", str(out)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     with open(PSG_OV_SPLIT_FILE, "rb") as f:
         assert out.read_bytes() == f.read()

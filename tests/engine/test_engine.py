@@ -1,4 +1,5 @@
 """Checkpointer, optimizer builder and the non-finite loss guard on a toy model."""
+
 import os
 
 import pytest
@@ -39,7 +40,10 @@ class Toy(nn.Module):
     def forward(self, batch):
         x = torch.stack([b["x"] for b in batch])
         y = self.head(self.norm(self.backbone.proj(self.backbone.pretrained(x))))
-        return {"loss_a": y.pow(2).mean() * batch[0]["scale"], "loss_b": (self.query.weight.sum() + self.background_embed.sum()) * 0}
+        return {
+            "loss_a": y.pow(2).mean() * batch[0]["scale"],
+            "loss_b": (self.query.weight.sum() + self.background_embed.sum()) * 0,
+        }
 
 
 def _cfg():
@@ -71,8 +75,11 @@ def test_checkpoint_roundtrip_safetensors_without_frozen_parts(tmp_path):
     torch.manual_seed(1)
     other = Toy()
     other.backbone.pretrained.load_state_dict(model.backbone.pretrained.state_dict())
-    ck2 = SafetensorsCheckpointer(other, str(tmp_path), optimizer=torch.optim.AdamW(
-        [p for p in other.parameters() if p.requires_grad], lr=0.1))
+    ck2 = SafetensorsCheckpointer(
+        other,
+        str(tmp_path),
+        optimizer=torch.optim.AdamW([p for p in other.parameters() if p.requires_grad], lr=0.1),
+    )
     assert ck2.has_checkpoint()
     extra = ck2.resume_or_load("", resume=True)
     assert extra["iteration"] == 9

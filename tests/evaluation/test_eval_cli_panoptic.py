@@ -4,11 +4,18 @@ import json
 import os
 
 import pytest
-from psg_eval_cases import make_dataset  # noqa: F401 (pytest fixture)
-from psg_eval_cases import IMAGE_A, PREDICATES, STUFF, THINGS, make_output, seg_a
 from panopticapi.evaluation import pq_compute
 from panopticapi.utils import id2rgb
 from PIL import Image
+from psg_eval_cases import (
+    IMAGE_A,
+    PREDICATES,
+    STUFF,
+    THINGS,
+    make_dataset,  # noqa: F401 (pytest fixture)
+    make_output,
+    seg_a,
+)
 
 from spade.evaluation.psg_evaluation import PSGEvaluator, main
 from spade.evaluation.submission import export_submission

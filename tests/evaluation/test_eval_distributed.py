@@ -6,8 +6,12 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import launch
 from detectron2.utils import comm
-from psg_eval_cases import make_dataset  # noqa: F401 (pytest fixture)
-from psg_eval_cases import IMAGE_A, make_output, seg_a
+from psg_eval_cases import (
+    IMAGE_A,
+    make_dataset,  # noqa: F401 (pytest fixture)
+    make_output,
+    seg_a,
+)
 
 from spade.evaluation.psg_evaluation import PSGEvaluator
 

@@ -6,10 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from psg_eval_cases import make_dataset  # noqa: F401 (pytest fixture)
-from psg_eval_cases import IMAGE_A, PREDICATES, make_output, seg_a
-
 from detectron2.config import get_cfg
+from psg_eval_cases import (
+    IMAGE_A,
+    PREDICATES,
+    make_dataset,  # noqa: F401 (pytest fixture)
+    make_output,
+    seg_a,
+)
 
 from spade.config import add_spade_config
 from spade.evaluation.psg_evaluation import PSGEvaluator

@@ -1,9 +1,9 @@
 """Open-vocabulary training: novel classes and predicates never reach a training loss."""
+
 import pytest
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
-
 from test_meta_arch import PREDICATES, STUFF, THINGS, make_input, tiny_cfg
 
 from spade.modeling.meta_arch.vocabulary import Vocabulary, base_vocabulary

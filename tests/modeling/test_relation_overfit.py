@@ -3,7 +3,6 @@ real PSG evaluator scores R@50 well above the chance level of the same segmentat
 predicates."""
 
 import numpy as np
-import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog

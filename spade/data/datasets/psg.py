@@ -118,8 +118,7 @@ def _check_image(rec: dict, json_file: str, n_classes: int, n_preds: int) -> Non
             raise _err(
                 json_file,
                 image_id,
-                f"relations[{k}] = {rel}: segment index out of range "
-                f"(image has {n_seg} segments)",
+                f"relations[{k}] = {rel}: segment index out of range (image has {n_seg} segments)",
             )
         if not 0 <= p < n_preds:
             raise _err(

@@ -239,9 +239,7 @@ class SPADE(nn.Module):
             if len(relations):
                 predicates = self._to_train_ids(relations[:, 2].long(), "predicate", name)
                 relations = torch.cat([relations[:, :2], predicates[:, None]], dim=1)
-            targets.append(
-                {"labels": labels, "masks": masks, "gt_relations": relations}
-            )
+            targets.append({"labels": labels, "masks": masks, "gt_relations": relations})
         return targets
 
     def _to_train_ids(self, ids: Tensor, kind: str, image: str) -> Tensor:
