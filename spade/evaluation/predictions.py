@@ -73,8 +73,9 @@ def prediction_from_output(output: Mapping, image_id: str) -> PredictedGraph:
 
     Relation triplets name segment ids; they become segment entry indices here. A missing
     "relations" means no relation rows. Segments may carry "bbox" (xyxy, used by box-IoU
-    evaluation instead of the tight box of the visible mask). Raises ValueError naming the image and the field for an
-    unknown segment id, duplicated segment ids, NaN or unsorted triplet scores.
+    evaluation instead of the tight box of the visible mask). Raises ValueError naming the image
+    and the field for an unknown segment id, duplicated segment ids, NaN or unsorted triplet
+    scores.
     """
     where = f"image {image_id}"
     if "panoptic_seg" not in output:

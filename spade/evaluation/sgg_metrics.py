@@ -30,7 +30,9 @@ class GroundTruthGraph:
 
     labels [N] contiguous category ids; relations [R, 3] (subject index, object index, predicate),
     exact duplicates removed; seg [H, W] segment-id map (None when evaluating boxes);
-    segment_ids [N] ids of the segments in ``seg``; boxes [N, 4] xyxy (box evaluation only).
+    segment_ids [N] ids of the segments in ``seg``; boxes [N, 4] xyxy (box evaluation only);
+    iscrowd [N] bool and areas [N] (the annotation's "area", which panoptic quality uses) or None
+    (not crowd; areas counted from ``seg``).
     """
 
     image_id: str
@@ -41,6 +43,8 @@ class GroundTruthGraph:
     segment_ids: np.ndarray
     seg: Optional[np.ndarray] = None
     boxes: Optional[np.ndarray] = None
+    iscrowd: Optional[np.ndarray] = None
+    areas: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -231,6 +235,8 @@ def score_image(
     max_k: int = 100,
     box_only: bool = False,
     num_predicates: Optional[int] = None,
+    iou: Optional[np.ndarray] = None,
+    gt_index: Optional[np.ndarray] = None,
 ) -> ImageRecord:
     """Match one image's prediction against its ground truth under each protocol.
 
@@ -238,9 +244,13 @@ def score_image(
     no-graph-constraint candidates are all (row, predicate) pairs scored by
     predicate_score x subject score x object score, ranked (stable) and cut to ``max_k``;
     without predicate_scores each row scores one-hot over ``num_predicates`` columns.
+    iou [S, N] (mask IoU of every predicted entry with every ground-truth segment) and gt_index
+    [H*W] (each pixel's ground-truth segment index, >= N for none) may come from the caller's own
+    pass over the maps (image_pass.py); they are computed here otherwise.
     """
     rel = np.asarray(gt.relations, dtype=np.int64).reshape(-1, 3)
-    gt_index = None if box_only or not len(rel) else _index_map(gt.seg, gt.segment_ids)
+    if gt_index is None and not box_only and len(rel):
+        gt_index = _index_map(gt.seg, gt.segment_ids)
     centers = segment_centers(gt, box_only, gt_index) if len(rel) else np.zeros((0, 2))
     dist = np.hypot(*(centers[rel[:, 0]] - centers[rel[:, 1]]).T) if len(rel) else np.zeros(0)
     with np.errstate(invalid="ignore"):
@@ -261,13 +271,13 @@ def score_image(
     gt = GroundTruthGraph(**{**gt.__dict__, "relations": rel, "labels": labels})
     keys = np.asarray(pred.segment_ids, dtype=np.int64)
     unique_keys, inverse = np.unique(keys, return_inverse=True)
-    if box_only:
+    if iou is None and box_only:
         if pred.boxes is None:
             boxes = mask_boxes(pred.seg, unique_keys)[inverse.reshape(-1)]
         else:
             boxes = pred.boxes
         iou = box_iou(boxes, gt.boxes)
-    else:
+    elif iou is None:
         iou = segment_iou(pred.seg, unique_keys, gt.seg, gt.segment_ids, gt_index)
         iou = iou[inverse.reshape(-1)]
     pred_labels = np.asarray(pred.labels, dtype=np.int64)

@@ -151,13 +151,15 @@ def test_cli_summarises_bad_entries(make_dataset, tmp_path, capsys):
         "--pred-dir",
         str(sub),
     ]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "4 bad entries" in err
-    assert "relation.json has 4 entries, the test split has 3" in err
-    assert "image img0: relations rows [0] have predicate [0] outside 1..3" in err
-    assert "image b: relations rows [0] point at a segment that does not exist" in err
-    assert "image d: pan_seg_file_name" in err
+    assert "relation.json has 4 entries, the test split of" in err
+    assert "psg.json has 3 images with relations" in err
+    assert "image img0: relation.json: relations rows [0] have predicate [0] outside 1..3" in err
+    assert "image b: relation.json: relations rows [0] point at a segment that does not" in err
+    assert "image d: panoptic PNG not found:" in err and "panseg/2.png (pan_seg_file_name)" in err
+    assert "Traceback" not in err
 
 
 def test_export_rejects_missing_prediction(make_dataset, tmp_path):
