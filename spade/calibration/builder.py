@@ -26,7 +26,9 @@ from spade.modeling.backbone import (
     build_implicit_text_encoder,
     clip_preprocess,
     encode_text_tokens,
+    load_trainable_state_dict,
     lora_disabled,
+    save_trainable_state_dict,
 )
 
 from .teacher import TeacherMapCache, TeacherMapGenerator, module_fingerprint, triplet_names
@@ -38,6 +40,7 @@ __all__ = [
     "CalibrationDatasetMapper",
     "build_calibration_train_loader",
     "build_calibration_test_loader",
+    "TrainableWeightsIO",
 ]
 
 
@@ -173,3 +176,27 @@ def build_calibration_test_loader(cfg, items: Sequence, cache: TeacherMapCache):
         mapper=CalibrationDatasetMapper(cache),
         num_workers=int(cfg.DATALOADER.NUM_WORKERS),
     )
+
+
+class TrainableWeightsIO:
+    """Stage 1's weights format for :class:`spade.engine.SafetensorsCheckpointer`.
+
+    ``save(path, metadata)`` writes the LoRA (or attn2) + MLP adapter weights with
+    :func:`~spade.modeling.backbone.save_trainable_state_dict` (exactly what stage 2's
+    MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS loads); ``load(path)`` reads them back, checking
+    the shapes in the metadata.
+    """
+
+    def __init__(self, unet: torch.nn.Module, implicit_text: torch.nn.Module):
+        self.unet, self.implicit_text = unet, implicit_text
+
+    def save(self, path: str, metadata: Dict[str, str]) -> None:
+        save_trainable_state_dict(path, self.unet, self.implicit_text, extra_metadata=metadata)
+
+    def load(self, path: str) -> None:
+        try:
+            load_trainable_state_dict(path, self.unet, self.implicit_text)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as e:  # safetensors' own error types on a corrupt header
+            raise ValueError(f"checkpoint {path} is not a valid safetensors file: {e}") from None

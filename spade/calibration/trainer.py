@@ -1,17 +1,18 @@
-"""Stage-1 calibration trainer on detectron2's SimpleTrainer and hooks.
+"""Stage-1 calibration trainer: SPADE's engine (:class:`spade.engine.SPADETrainer`) with the
+calibration model, its teacher-map cache and its hooks.
 
-Order of work in :class:`CalibrationTrainer`:
+Order of work in :class:`CalibrationTrainer` (DefaultTrainer's construction order):
 
-1. build the CalibrationModel (frozen VAE / UNet / CLIP, LoRA, implicit text encoder);
-2. fingerprint the teacher and fill the teacher-map cache for the training and held-out images,
-   each rank computing its shard ``items[rank::world_size]``, then wait for all ranks: the cache
-   is complete before any trained weight exists (so the full fine-tuning ablation, which changes
-   the UNet itself, still gets maps from the untouched teacher);
-3. train only the trainable parameters (LoRA / attn2 + MLP adapter) with AdamW, wrapped in
-   DistributedDataParallel (``device_ids=None`` on CPU) when several processes run;
-4. hooks: IterationTimer, LRScheduler, PeriodicCheckpointer (trainable safetensors + tensor-only
-   trainer state), EvalHook (held-out L_cal, mean over all ranks), PeriodicWriter (console,
-   metrics.json, TensorBoard).
+1. ``build_model``: the CalibrationModel (frozen VAE / UNet / CLIP, LoRA, implicit text encoder);
+   the teacher is fingerprinted and the teacher-map cache filled for the training and held-out
+   images, each rank computing its shard ``items[rank::world_size]``, then all ranks wait: the
+   cache is complete before any trained weight exists (so the full fine-tuning ablation, which
+   changes the UNet itself, still gets maps from the untouched teacher);
+2. the shared optimizer builder (only LoRA / attn2 + MLP adapter are trainable), the guarded
+   training loop (DDP with ``device_ids=None`` on CPU, AMP, non-finite loss guard) and the
+   shared safetensors checkpointer (the model writes its stage-2 input format itself);
+3. hooks: IterationTimer, LRScheduler, PeriodicCheckpointer, EvalHook (held-out L_cal, mean
+   over all ranks), PeriodicWriter (console, metrics.json, TensorBoard).
 """
 
 from __future__ import annotations
@@ -21,42 +22,24 @@ import os
 from typing import Dict, List
 
 import torch
-from detectron2.engine import SimpleTrainer, hooks
+from detectron2.engine import hooks
 from detectron2.engine.defaults import default_writers
-from detectron2.solver import build_lr_scheduler
-from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 
-from spade.engine.trainer import create_ddp_model
+from spade.engine.trainer import SPADETrainer
 
 from .builder import (
+    TrainableWeightsIO,
     build_calibration_test_loader,
     build_calibration_train_loader,
     build_teacher_cache,
     calibration_items,
 )
-from .checkpoint import CalibrationCheckpointer
 from .model import CalibrationModel
 
-__all__ = ["CalibrationTrainer", "build_calibration_optimizer", "heldout_calibration_loss"]
+__all__ = ["CalibrationTrainer", "heldout_calibration_loss"]
 
 logger = logging.getLogger(__name__)
-
-
-def build_calibration_optimizer(cfg, model: CalibrationModel) -> torch.optim.Optimizer:
-    """AdamW (or SGD, SOLVER.OPTIMIZER) over the trainable parameters only."""
-    params = model.trainable_parameters()
-    if not params:
-        raise ValueError("the calibration model has no trainable parameters")
-    name = str(cfg.SOLVER.OPTIMIZER).upper()
-    kwargs = {"lr": cfg.SOLVER.BASE_LR, "weight_decay": cfg.SOLVER.WEIGHT_DECAY}
-    if name == "ADAMW":
-        cls = torch.optim.AdamW
-    elif name == "SGD":
-        cls, kwargs["momentum"] = torch.optim.SGD, cfg.SOLVER.MOMENTUM
-    else:
-        raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {cfg.SOLVER.OPTIMIZER!r}")
-    return maybe_add_gradient_clipping(cfg, cls)(params, **kwargs)
 
 
 @torch.no_grad()
@@ -79,11 +62,11 @@ def heldout_calibration_loss(model: CalibrationModel, data_loader) -> Dict[str, 
     return {"heldout_loss_cal": total / count if count else float("nan"), "heldout_triplets": count}
 
 
-class CalibrationTrainer(SimpleTrainer):
+class CalibrationTrainer(SPADETrainer):
     """Trains LoRA + the MLP adapter against cached teacher maps (see module docstring)."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def build_model(self, cfg) -> CalibrationModel:
+        """The calibration model, with the teacher-map cache filled for its items."""
         model = CalibrationModel(cfg)
         self.calibration_model = model
         self.cache = build_teacher_cache(cfg, model)
@@ -100,27 +83,18 @@ class CalibrationTrainer(SimpleTrainer):
             if eval_name
             else []
         )
+        self.last_eval: Dict[str, Dict[str, float]] = {}
         self.precompute_teacher_maps()
-
         model.train()
         model.vae.eval()
         model.clip_model.eval()
-        optimizer = build_calibration_optimizer(cfg, model)
-        # the last attn2 layer's to_v / to_out LoRA cannot change any captured map, so it gets
-        # no gradient from L_cal: let DDP skip such parameters
-        ddp_model = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=True)
-        loader = build_calibration_train_loader(cfg, self.train_items, self.cache)
-        super().__init__(ddp_model, loader, optimizer)
-        self.scheduler = build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = CalibrationCheckpointer(
-            model,
-            cfg.OUTPUT_DIR,
-            trainer=self,  # trainer state: iteration, optimizer, LR
-        )
-        self.start_iter = 0
-        self.last_eval: Dict[str, Dict[str, float]] = {}
-        self.max_iter = int(cfg.SOLVER.MAX_ITER)
-        self.register_hooks(self.build_hooks())
+        return model
+
+    def checkpoint_weights_io(self, model) -> TrainableWeightsIO:
+        return TrainableWeightsIO(model.unet, model.implicit_text)
+
+    def build_train_loader(self, cfg):
+        return build_calibration_train_loader(cfg, self.train_items, self.cache)
 
     def precompute_teacher_maps(self) -> None:
         """Fill the cache for this rank's shard of train + held-out images, then synchronise."""
@@ -151,14 +125,9 @@ class CalibrationTrainer(SimpleTrainer):
         self.last_eval = {"calibration": result}
         return self.last_eval
 
-    def resume_or_load(self, resume: bool = True) -> None:
-        """Continue from the last checkpoint in OUTPUT_DIR (``resume``) or load MODEL.WEIGHTS."""
-        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
-        if resume and self.checkpointer.has_checkpoint():
-            self.start_iter = self.iter + 1
-
-    def train(self) -> None:
-        super().train(self.start_iter, self.max_iter)
+    def train(self) -> Dict[str, Dict[str, float]]:
+        super().train()
+        return self.last_eval
 
     def final_weights(self) -> str:
         """Path of the stage-2 input written after the last iteration."""

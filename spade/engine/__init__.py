@@ -1,8 +1,14 @@
-"""Training infrastructure shared by SPADE's two stages: trainer base, optimizer, checkpoints."""
+"""Training infrastructure shared by SPADE's two stages: trainer, optimizer, checkpoints."""
 
 from .checkpoint import SafetensorsCheckpointer, frozen_state_prefixes, trainable_state_dict
 from .optimizer import build_spade_optimizer, spade_param_groups
-from .trainer import GuardedTrainer, NonFiniteLossError, SPADETrainer, create_ddp_model
+from .trainer import (
+    LossGuard,
+    NonFiniteLossError,
+    SkipNonFiniteStep,
+    SPADETrainer,
+    build_train_loop,
+)
 
 __all__ = [
     "SafetensorsCheckpointer",
@@ -10,8 +16,9 @@ __all__ = [
     "trainable_state_dict",
     "build_spade_optimizer",
     "spade_param_groups",
-    "GuardedTrainer",
+    "LossGuard",
     "NonFiniteLossError",
+    "SkipNonFiniteStep",
     "SPADETrainer",
-    "create_ddp_model",
+    "build_train_loop",
 ]

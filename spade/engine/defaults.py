@@ -47,7 +47,7 @@ def setup_cfg(args, *, freeze: bool = True, do_default_setup: bool = True) -> Cf
 
 
 def prepare_datasets(cfg: CfgNode) -> None:
-    """Generate (main process only; the others wait) and register SynthPSG when the config uses it."""
+    """Generate (main process only; others wait) and register SynthPSG when the config uses it."""
     from spade.data.build import prepare_synthpsg
 
     if comm.is_main_process():

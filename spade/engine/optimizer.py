@@ -1,10 +1,11 @@
-"""The optimizer of SPADE's stage-2 training (and any model with frozen pretrained parts).
+"""The optimizer of both SPADE stages (and any model with frozen pretrained parts).
 
 Parameter groups:
 - frozen parameters (``requires_grad=False``: UNet, VAE, CLIP) are left out entirely;
 - parameters under ``backbone.`` get ``BASE_LR * SOLVER.BACKBONE_MULTIPLIER``;
 - normalisation layers get ``SOLVER.WEIGHT_DECAY_NORM``; embeddings (``nn.Embedding`` and free
-  learned vectors named ``*embed``/``*embedding``/``*query``, e.g. the background text embedding) get ``SOLVER.WEIGHT_DECAY_EMBED``.
+  learned vectors named ``*embed``/``*embedding``/``*query``, e.g. the background text
+  embedding) get ``SOLVER.WEIGHT_DECAY_EMBED``.
 
 Gradient clipping follows ``SOLVER.CLIP_GRADIENTS``: ``full_model`` clips the global norm over all
 trainable parameters (as Mask2Former-style trainers do); ``value`` / ``norm`` use detectron2's

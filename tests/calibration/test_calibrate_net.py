@@ -113,7 +113,7 @@ def test_resume_continues_from_saved_iteration(instant_run):
     assert meta["iteration"] == "39"
     assert any(not torch.equal(final[k], saved[k]) for k in saved)
     state = torch.load(os.path.join(out, "model_final.state.pth"), weights_only=True)
-    assert state["iteration"] == 39 and state["trainer"]["optimizer"]["state"]
+    assert state["iteration"] == 39 and state["trainer"]["_trainer"]["optimizer"]["state"]
     # --eval-only on the final weights reproduces the held-out L_cal of the end of training
     final_path = os.path.join(out, "model_final.safetensors")
     evaluated = script.main(
@@ -164,3 +164,21 @@ def test_two_process_cpu_launch(instant_run, tmp_path):
     assert "World size: 2" in log
     tensors, meta = _tensors(os.path.join(tmp_path, "model_final.safetensors"))
     assert meta["iteration"] == "2" and tensors
+
+
+def test_stage1_refuses_nonfinite_loss_like_stage2(instant_run):
+    """Same engine as stage 2 (tests/engine/test_engine_stages.py): the LossGuard names the term."""
+    from detectron2.utils.events import EventStorage
+
+    from spade.engine import LossGuard, NonFiniteLossError, SPADETrainer
+
+    _, trainer, _, _, _ = instant_run
+    assert isinstance(trainer, SPADETrainer) and isinstance(trainer.model, LossGuard)
+    model = trainer.calibration_model
+    lam, model.lambda_cal = model.lambda_cal, float("nan")
+    try:
+        trainer.iter = trainer._trainer.iter = 5
+        with EventStorage(5), pytest.raises(NonFiniteLossError, match="iteration 5: loss_cal=nan"):
+            trainer.run_step()
+    finally:
+        model.lambda_cal = lam

@@ -5,14 +5,16 @@ import os
 import pytest
 import torch
 from detectron2.config import get_cfg
+from detectron2.utils.events import EventStorage
 from torch import nn
 
 from spade.config import add_spade_config
 from spade.engine import (
-    GuardedTrainer,
+    LossGuard,
     NonFiniteLossError,
     SafetensorsCheckpointer,
     build_spade_optimizer,
+    build_train_loop,
     trainable_state_dict,
 )
 
@@ -132,25 +134,40 @@ def _loader(scale):
         yield [{"x": torch.ones(3), "scale": scale}]
 
 
-def test_nonfinite_loss_raises_naming_iteration_and_term():
+def _loop(scale, policy="raise"):
+    cfg = _cfg()
+    cfg.SOLVER.NONFINITE_LOSS = policy
     model = Toy()
-    opt = build_spade_optimizer(_cfg(), model)
-    trainer = GuardedTrainer(model, _loader(float("nan")), opt)
-    trainer.iter = 7
-    with pytest.raises(NonFiniteLossError, match=r"iteration 7: loss_a=nan"):
-        trainer.run_step()
+    return model, build_train_loop(cfg, model, _loader(scale), build_spade_optimizer(cfg, model))
+
+
+def test_nonfinite_loss_raises_naming_iteration_and_term():
+    _, loop = _loop(float("nan"))
+    assert isinstance(loop.model, LossGuard)
+    loop.iter = 7
+    with EventStorage(7), pytest.raises(NonFiniteLossError, match=r"iteration 7: loss_a=nan"):
+        loop.run_step()
 
 
 def test_nonfinite_loss_skip_policy_leaves_weights_untouched():
-    model = Toy()
+    model, loop = _loop(float("inf"), policy="skip")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = build_spade_optimizer(_cfg(), model)
-    trainer = GuardedTrainer(model, _loader(float("inf")), opt, nonfinite_policy="skip")
-    trainer.iter = 0
-    trainer.run_step()
-    assert trainer.skipped_steps == 1
+    loop.iter = 0
+    with EventStorage(0):
+        loop.run_step()
+    assert loop.model.skipped_steps == 1
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+    # a finite step afterwards updates the weights again
+    loop._data_loader_iter_obj = _loader(1.0)
+    with EventStorage(1):
+        loop.run_step()
+    assert not torch.equal(model.head.weight, before["head.weight"])
+
+
+def test_unknown_nonfinite_policy_is_refused():
+    with pytest.raises(ValueError, match="SOLVER.NONFINITE_LOSS must be raise or skip"):
+        _loop(1.0, policy="ignore")
 
 
 def test_diffusion_backbone_checkpoints_leave_out_frozen_pretrained_parts():
