@@ -9,7 +9,7 @@ DEMO_OUT ?= output/demo
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo lint test bench clean
 
 install: $(STAMP)
 
@@ -26,7 +26,11 @@ $(STAMP): setup.py requirements.txt tools/install_detectron2.sh
 demo: install
 	$(PY) tools/run_demo.py --output $(DEMO_OUT) $(DEMO_ARGS)
 
-test: install
+# Formatter and linter (ruff.toml: 100 columns, pyflakes, pycodestyle, isort).
+lint: install
+	$(PY) -m ruff format --check . && $(PY) -m ruff check .
+
+test: install lint
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: install
