@@ -10,7 +10,9 @@ from setuptools import find_packages, setup
 setup(
     name="spade",
     version="0.1.0",
-    description="SPADE: open-vocabulary panoptic scene graph generation with a calibrated diffusion UNet",
+    description=(
+        "SPADE: open-vocabulary panoptic scene graph generation with a calibrated diffusion UNet"
+    ),
     packages=find_packages(include=["spade", "spade.*"]),
     python_requires=">=3.10",
     install_requires=[

@@ -12,7 +12,8 @@ during a timed forward, minus the RSS before it (activations), beside the RSS of
 The machine's matmul peak is measured with the same thread count (fp32 2048^3 GEMMs, best of
 before and after the presets), so "% of peak" says how well the backbone uses the CPU.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_backbone.py --presets tiny sd15 --out bench_backbone.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_backbone.py --presets tiny sd15 \
+        --out bench_backbone.json
 """
 
 import argparse

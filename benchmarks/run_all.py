@@ -114,7 +114,8 @@ def main(argv=None) -> int:
             + f"\n\n{rows_to_markdown(rows)}"
         )
     text = (
-        "# SPADE benchmarks\n\nWritten by `make bench` (benchmarks/run_all.py); every table names the "
+        "# SPADE benchmarks\n\nWritten by `make bench` (benchmarks/run_all.py); "
+        "every table names the "
         "machine it ran on. Numbers on a shared machine are noisy.\n\n" + "\n".join(sections)
     )
     from spade.utils.io import atomic_write_bytes

@@ -2,10 +2,11 @@
 """SPADE stage 2: train / evaluate the panoptic scene-graph model, the detectron2 way.
 
     python projects/SPADE/train_net.py --config-file configs/synthetic/spade_tiny_synthpsg.yaml
-    python projects/SPADE/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS OUT/model_final.safetensors
-    python projects/SPADE/train_net.py --config-file CFG --num-gpus 4          # one machine, 4 GPUs
-    python projects/SPADE/train_net.py --config-file CFG --num-gpus 2          # no GPU: 2 CPU processes (GLOO)
-    python projects/SPADE/train_net.py --config-file CFG --resume              # continue after a kill
+    python projects/SPADE/train_net.py --config-file CFG --eval-only \
+        MODEL.WEIGHTS OUT/model_final.safetensors
+    python projects/SPADE/train_net.py --config-file CFG --num-gpus 4   # one machine, 4 GPUs
+    python projects/SPADE/train_net.py --config-file CFG --num-gpus 2   # no GPU: 2 CPU processes
+    python projects/SPADE/train_net.py --config-file CFG --resume       # continue after a kill
 
 The logic lives in tested modules (spade.engine, spade.data, spade.evaluation); the Trainer below
 only picks SPADE's data loaders, evaluator and optimizer.

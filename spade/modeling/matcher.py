@@ -119,7 +119,8 @@ class HungarianMatcher(nn.Module):
             labels, masks = target["labels"], target["masks"]
             if labels.shape[0] != masks.shape[0]:
                 raise ValueError(
-                    f"HungarianMatcher: image {b}: {labels.shape[0]} labels but {masks.shape[0]} masks"
+                    f"HungarianMatcher: image {b}: {labels.shape[0]} labels but "
+                    f"{masks.shape[0]} masks"
                 )
             if labels.numel() == 0:
                 empty = torch.empty(0, dtype=torch.long)
@@ -127,7 +128,8 @@ class HungarianMatcher(nn.Module):
                 continue
             if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
                 raise ValueError(
-                    f"HungarianMatcher: image {b}: labels {labels.tolist()} outside [0, {num_classes})"
+                    f"HungarianMatcher: image {b}: labels {labels.tolist()} "
+                    f"outside [0, {num_classes})"
                 )
             cost = self.cost_matrix(logits[b], mask_logits[b], labels, masks)
             indices.append(assignment_from_cost(cost))

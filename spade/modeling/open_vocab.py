@@ -1,4 +1,5 @@
-"""Open-vocabulary classification with CLIP: text embeddings, cosine classifier, mask pooling, fusion.
+"""Open-vocabulary classification with CLIP: text embeddings, cosine classifier, mask pooling,
+fusion.
 
 Shape shorthand: B batch, Q object queries, M relation pairs, N vocabulary size (classes or
 predicates), D CLIP joint embedding dim, h x w dense CLIP feature map, H x W mask resolution.
@@ -38,7 +39,8 @@ _MAX_LOGIT_SCALE = 4.6052  # log(100), CLIP's clamp of the learned temperature
 
 
 def prompt_name(name: str) -> str:
-    """A dataset class name as words: "wall-other-merged" -> "wall", "dining_table" -> "dining table"."""
+    """A dataset class name as words: "wall-other-merged" -> "wall", "dining_table" -> "dining
+    table"."""
     words = name.replace("_", " ").split("-")
     words = [w for w in words if w not in ("merged", "other", "stuff")] or words
     return " ".join(" ".join(words).split())
@@ -151,10 +153,11 @@ class CosineClassifier(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """x [..., D], text [N, D] -> logits [..., N + 1] (last column = background / no relation)."""
+        """x [..., D], text [N, D] -> logits [..., N + 1] (last column: background, no relation)"""
         if x.shape[-1] != self.dim or text.dim() != 2 or text.shape[1] != self.dim:
             raise ValueError(
-                f"CosineClassifier(dim={self.dim}): got x {tuple(x.shape)}, text {tuple(text.shape)}"
+                f"CosineClassifier(dim={self.dim}): got x {tuple(x.shape)}, "
+                f"text {tuple(text.shape)}"
             )
         weights = torch.cat([text.to(x.dtype), self.background.to(x.dtype)[None]], dim=0)
         cosine = F.normalize(x, dim=-1) @ F.normalize(weights, dim=-1).t()

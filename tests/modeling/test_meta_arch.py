@@ -1,5 +1,6 @@
-"""SPADE meta-architecture: losses, gradients reach trainable parts only, panoptic inference, vocabulary,
-relation-head plumbing; any detectron2 backbone (a tiny ResNet here) and the TINY diffusion backbone.
+"""SPADE meta-architecture: losses, gradients reach trainable parts only, panoptic inference,
+vocabulary, relation-head plumbing; any detectron2 backbone (a tiny ResNet here) and the TINY
+diffusion backbone.
 """
 
 import pytest

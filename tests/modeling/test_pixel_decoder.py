@@ -1,4 +1,5 @@
-"""Pixel decoder: deformable attention against a naive bilinear reference, encoder geometry, shapes."""
+"""Pixel decoder: deformable attention against a naive bilinear reference, encoder geometry,
+shapes."""
 
 import math
 
@@ -15,7 +16,7 @@ from spade.modeling.pixel_decoder.encoder import flatten_levels, reference_point
 
 
 def naive_bilinear(img, x, y):
-    """Value of img [C, h, w] at normalised (x, y) (pixel centres at (i + 0.5) / w), zeros outside."""
+    """Value of img [C, h, w] at normalised (x, y) (pixel centres at (i + 0.5) / w), 0 outside."""
     _, h, w = img.shape
     px, py = x * w - 0.5, y * h - 0.5
     x0, y0 = math.floor(px), math.floor(py)

@@ -267,7 +267,7 @@ class DiffusionBackbone(Backbone):
         return latent
 
     def unet_features(self, latent: torch.Tensor, context: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One UNet pass at TIMESTEP; returns {block name: [B, c, h', w']} of the captured blocks."""
+        """One UNet pass at TIMESTEP; returns {block name: [B, c, h', w']} of captured blocks."""
         t = torch.full((latent.shape[0],), self.timestep, device=latent.device, dtype=torch.long)
         with capture_outputs(self.unet, [b.name for b in self.blocks]) as store:
             self.unet(latent, t, encoder_hidden_states=context.to(latent.dtype))

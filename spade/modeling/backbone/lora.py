@@ -1,4 +1,4 @@
-"""LoRA on the UNet's cross-attention (attn2) projections, and save / load of SPADE's trainable parts.
+"""LoRA on the UNet's cross-attention (attn2) projections; save / load of SPADE's trainable parts.
 
 Stage 1 trains only LoRA (delta W = B x D of rank r on attn2 to_q / to_k / to_v / to_out.0) and the
 implicit text encoder's MLP adapter; the teacher is the same UNet with its adapters disabled

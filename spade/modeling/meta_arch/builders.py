@@ -43,8 +43,9 @@ def build_criterion(cfg: CfgNode) -> SetCriterion:
 
 def build_vocabularies(cfg: CfgNode):
     """(train, test) vocabularies: DATASETS.TRAIN[0]'s classes (only its base classes and
-    predicates when it has an open-vocabulary split and the classifier is open-vocabulary); at test, OPEN_VOCAB.CLASS_NAMES /
-    PREDICATE_NAMES when given, else DATASETS.TEST[0]'s (else the training dataset's)."""
+    predicates when it has an open-vocabulary split and the classifier is open-vocabulary); at
+    test, OPEN_VOCAB.CLASS_NAMES / PREDICATE_NAMES when given, else DATASETS.TEST[0]'s (else the
+    training dataset's)."""
     if not cfg.DATASETS.TRAIN:
         raise ValueError(
             "SPADE: DATASETS.TRAIN is empty; the training vocabulary comes from its metadata"

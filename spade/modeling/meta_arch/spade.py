@@ -143,7 +143,8 @@ class SPADE(nn.Module):
             and len(names) != self.classifier.num_classes
         ):
             raise ValueError(
-                f"SPADE.set_vocabulary: the closed-set classifier has {self.classifier.num_classes} "
+                "SPADE.set_vocabulary: the closed-set classifier has "
+                f"{self.classifier.num_classes} "
                 f"classes, got {len(names)} names"
             )
         flags = (
@@ -217,7 +218,7 @@ class SPADE(nn.Module):
     def prepare_targets(
         self, batched_inputs: List[Dict], images: ImageList
     ) -> List[Dict[str, Tensor]]:
-        """Per image {"labels": long [N], "masks": bool [N, H, W] padded, "gt_relations": [R, 3]}."""
+        """Per image {"labels": long [N], "masks": bool [N, H, W] padded, "gt_relations" [R, 3]}"""
         height, width = images.tensor.shape[-2:]
         num_classes = len(self.train_vocabulary.class_names)
         targets = []
@@ -253,8 +254,9 @@ class SPADE(nn.Module):
         mapped = torch.where(bad, torch.full_like(ids, -1), table[ids.clamp(0, len(lut) - 1)])
         if bool((mapped < 0).any()):
             raise ValueError(
-                f"SPADE: image {image}: training {kind} ids {sorted(set(ids[mapped < 0].tolist()))} "
-                "are not in the training vocabulary (novel names must be filtered from training data)"
+                f"SPADE: image {image}: training {kind} ids "
+                f"{sorted(set(ids[mapped < 0].tolist()))} are not in the training vocabulary "
+                "(novel names must be filtered from training data)"
             )
         return mapped
 
@@ -317,7 +319,8 @@ class SPADE(nn.Module):
         )
 
     def inference(self, batched_inputs: List[Dict], images: ImageList, outputs: Dict) -> List[Dict]:
-        """Per image: panoptic segmentation at the original size (+ relations with a relation head)."""
+        """Per image: panoptic segmentation at the original size (+ relations with a relation
+        head)."""
         clip_features = None
         if self.use_clip_branch or self.relation_clip_branch:
             with torch.no_grad():

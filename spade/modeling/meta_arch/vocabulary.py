@@ -47,7 +47,8 @@ class Vocabulary:
             )
         if self.novel_classes and len(self.novel_classes) != len(self.class_names):
             raise ValueError(
-                f"Vocabulary: {len(self.novel_classes)} novel flags for {len(self.class_names)} classes"
+                f"Vocabulary: {len(self.novel_classes)} novel flags for "
+                f"{len(self.class_names)} classes"
             )
         if not self.novel_classes:
             object.__setattr__(self, "novel_classes", (False,) * len(self.class_names))
@@ -59,18 +60,20 @@ def vocabulary_from_metadata(
     predicate_names: Optional[Sequence[str]] = None,
     seen_class_names: Optional[Sequence[str]] = None,
 ) -> Vocabulary:
-    """Vocabulary of a registered dataset (``thing_classes + stuff_classes``, ``predicate_classes``).
+    """Vocabulary of a registered dataset (thing + stuff classes, ``predicate_classes``).
 
     Non-empty ``class_names`` / ``predicate_names`` override the dataset's; an override's class is a
     thing unless the dataset lists it among its stuff classes. A class is novel when the dataset's
-    ``ov_split`` names it among ``novel_objects`` or when ``seen_class_names`` is given and lacks it.
+    ``ov_split`` names it among ``novel_objects`` or when ``seen_class_names`` is given and
+    lacks it.
     """
     meta = MetadataCatalog.get(dataset_name)
     things = list(meta.get("thing_classes", []) or [])
     stuff = list(meta.get("stuff_classes", []) or [])
     if not class_names and not things and not stuff:
         raise ValueError(
-            f"dataset {dataset_name!r}: metadata has no thing_classes / stuff_classes (is the dataset "
+            f"dataset {dataset_name!r}: metadata has no thing_classes / stuff_classes "
+            "(is the dataset "
             "registered?) and no class names were given"
         )
     names = list(class_names) if class_names else things + stuff

@@ -79,7 +79,8 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Offsets start on rays around the reference point (one direction per head), k steps out."""
+        """Offsets start on rays around the reference point (one direction per head), k steps
+        out."""
         nn.init.zeros_(self.sampling_offsets.weight)
         angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * torch.pi / self.n_heads)
         rays = torch.stack([angles.cos(), angles.sin()], -1)

@@ -40,7 +40,7 @@ def attention_mask_from_logits(mask_logits: Tensor, size, nheads: int) -> Tensor
 
 
 class CrossAttentionLayer(nn.Module):
-    """Queries attend to one scale of the pixel features (optionally masked); residual + LayerNorm."""
+    """Queries attend to one scale of the pixel features (optionally masked); residual + norm."""
 
     def __init__(
         self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False

@@ -23,8 +23,8 @@ __all__ = ["MaskedAttentionDecoder"]
 
 
 class MaskedAttentionDecoder(nn.Module):
-    """Each layer: masked cross-attention to one scale (each query sees only inside its mask from the
-    previous prediction), self-attention, FFN; scales visited round-robin, coarsest first.
+    """Each layer: masked cross-attention to one scale (each query sees only inside its mask from
+    the previous prediction), self-attention, FFN; scales visited round-robin, coarsest first.
 
     The decoder is class-agnostic: it predicts query embeddings and masks at every layer, and the
     classifier (closed-set or open-vocabulary) is applied by the meta-architecture.
