@@ -1,14 +1,9 @@
-"""The vectorised scorer against a plain per-pair loop of the benchmark's definitions.
-
-The loop spells out the benchmark's evaluator: skip images without ground-truth relations or
-without predicted rows; a row's matches are the ground-truth triplets with equal labels and
-predicate and boolean-mask IoU >= 0.5 for subject and object; R@K is the union of the matches of
-the first K rows over the ground-truth count, averaged over images; mR@K collects per-image
-per-predicate recall, averages per predicate and divides the sum by the vocabulary size.
-"""
+"""The vectorised scorer against a plain per-pair loop of the benchmark's definitions
+(psg_reference.py)."""
 
 import numpy as np
 import pytest
+from psg_reference import ReferenceRecall
 
 from spade.evaluation.recall import summarize
 from spade.evaluation.sgg_metrics import GroundTruthGraph, PredictedGraph, score_image
@@ -53,32 +48,10 @@ def _random_image(rng, idx):
 
 
 def _reference(images, k):
-    recalls, per_pred = [], [[] for _ in range(NUM_PREDICATES)]
+    ref = ReferenceRecall(NUM_PREDICATES)
     for gt, pred in images:
-        if len(gt.relations) == 0 or len(pred.relations) == 0:
-            continue
-        matches = []
-        for s, o, p in pred.relations:
-            hit = []
-            for g, (gs, go, gp) in enumerate(gt.relations):
-                if (pred.labels[s], p, pred.labels[o]) != (gt.labels[gs], gp, gt.labels[go]):
-                    continue
-                ious = []
-                for pe, ge in ((s, gs), (o, go)):
-                    a = pred.seg == pred.segment_ids[pe]
-                    b = gt.seg == gt.segment_ids[ge]
-                    ious.append(np.count_nonzero(a & b) / np.count_nonzero(a | b))
-                if min(ious) >= 0.5:
-                    hit.append(g)
-            matches.append(hit)
-        matched = set().union(*matches[:k])
-        recalls.append(len(matched) / len(gt.relations))
-        for p in range(NUM_PREDICATES):
-            idx = [g for g in range(len(gt.relations)) if gt.relations[g, 2] == p]
-            if idx:
-                per_pred[p].append(sum(g in matched for g in idx) / len(idx))
-    mr = sum(np.mean(v) if v else 0.0 for v in per_pred) / NUM_PREDICATES
-    return 100 * np.mean(recalls), 100 * mr
+        ref.add(gt, pred)
+    return ref.result(k)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
