@@ -33,7 +33,6 @@ def _add_data_config(cfg: CN) -> None:
     cfg.DATASETS.SYNTHPSG.NUM_IMAGES = 600  # images generated when ROOT is empty
     cfg.DATASETS.SYNTHPSG.SEED = 0  # generator seed
     cfg.DATASETS.SYNTHPSG.IMAGE_SIZE = 128  # side of a SynthPSG image
-    cfg.DATASETS.OV_SPLIT = ""  # open-vocabulary split file (json); "" = closed set
 
 
 def _add_model_config(cfg: CN) -> None:
@@ -47,9 +46,7 @@ def _add_model_config(cfg: CN) -> None:
     s.DIFFUSION.PRETRAINED = ""  # diffusers-format directory or hub id (SD 1.5); "" = TINY preset
     s.DIFFUSION.DTYPE = "float32"  # dtype of the frozen diffusion parts ("float16" on GPU)
     s.DIFFUSION.TIMESTEP = 0  # t of the single feature-extraction UNet pass (0 = clean latent)
-    s.DIFFUSION.NOISE_SEED = (
-        0  # seed of the fixed noise added at TIMESTEP (deterministic inference)
-    )
+    s.DIFFUSION.NOISE_SEED = 0  # seed of the fixed noise added at TIMESTEP (deterministic)
     s.DIFFUSION.FEATURE_BLOCKS = ["up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3"]
     # ^ decoder blocks whose outputs become multi-scale features (named, not indexed)
     s.DIFFUSION.OUT_FEATURES = ["res2", "res3", "res4", "res5"]  # backbone output names
@@ -90,7 +87,7 @@ def _add_model_config(cfg: CN) -> None:
     s.LORA = CN()
     s.LORA.ENABLED = True  # LoRA on attn2 (False = ablation: full fine-tuning of the UNet)
     s.LORA.RANK = 4  # r: rank of delta W = B x D
-    s.LORA.ALPHA = 4  # LoRA scaling numerator (scale = alpha / r)
+    s.LORA.ALPHA = 4  # LoRA scaling numerator (scale = LORA.ALPHA / r); not the fusion alpha
     s.LORA.TARGET_MODULES = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
     s.LORA.INIT_WEIGHTS = True  # peft's init (B = 0); False gives a non-zero random init (tests)
     s.LORA.MERGE_FOR_INFERENCE = False  # merge LoRA into the UNet weights at inference
@@ -106,8 +103,8 @@ def _add_model_config(cfg: CN) -> None:
         "a photo of a thing {} another thing.",
     ]
     # ^ prompt templates ensembled for predicate names
-    s.OPEN_VOCAB.ALPHA = 0.34  # alpha: P = P_diff^alpha * P_clip^(1-alpha), seen (base) classes
-    s.OPEN_VOCAB.BETA = 0.34  # the same weight for novel classes
+    s.OPEN_VOCAB.FUSION_ALPHA = 0.34  # alpha: P = P_diff^alpha * P_clip^(1-alpha), base classes
+    s.OPEN_VOCAB.FUSION_BETA = 0.34  # beta: the same exponent for novel classes
     s.OPEN_VOCAB.USE_CLIP_BRANCH = True  # fuse the CLIP mask-pooled branch at inference
     s.OPEN_VOCAB.LOGIT_SCALE_INIT = 2.659  # log of the cosine classifier's initial temperature
     s.OPEN_VOCAB.CLASS_NAMES = []  # override the dataset's class names at inference ([] = dataset)
@@ -145,6 +142,7 @@ def _add_model_config(cfg: CN) -> None:
     s.MASK_HEAD.TRAIN_NUM_POINTS = 12544  # points sampled per mask for matching and losses
     s.MASK_HEAD.OVERSAMPLE_RATIO = 3.0  # importance sampling: oversampling ratio
     s.MASK_HEAD.IMPORTANCE_SAMPLE_RATIO = 0.75  # importance sampling: share of uncertain points
+    s.MASK_HEAD.PANOPTIC_LOSS_WEIGHT = 1.0  # lambda_mask: scales the panoptic losses in L
     s.MASK_HEAD.OPEN_VOCAB = True  # classify queries against CLIP text embeddings (cosine)
 
     # ------------------------------------------------------------ panoptic inference
@@ -174,11 +172,9 @@ def _add_model_config(cfg: CN) -> None:
     s.RELATION.USE_RQC_LOSS = True  # ablation: auxiliary relation-query construction loss
     s.RELATION.USE_CLIP_BRANCH = True  # ablation: CLIP joint-mask pooled predicate branch
     s.RELATION.BASELINE_PAIR_MLP = False  # plain pair-MLP baseline without graph reasoning
-    s.RELATION.REL_WEIGHT = 1.0  # weight of L_rel
-    s.RELATION.RQC_WEIGHT = 0.6  # lambda_rqc
-    s.RELATION.MASK_WEIGHT = 1.0  # lambda_mask (scales the panoptic losses)
+    s.RELATION.REL_WEIGHT = 1.0  # weight of L_rel in L
+    s.RELATION.RQC_WEIGHT = 0.6  # lambda_rqc: weight of the relation-query construction loss
     s.RELATION.NO_RELATION_WEIGHT = 0.1  # cross-entropy weight of the no-relation class
-    s.RELATION.MAX_RELATIONS = 100  # ranked triplets per image at inference
     s.RELATION.DIM_FEEDFORWARD = 1024  # MLP width of RGT_g layers and of the pair MLP
     s.RELATION.POOL_FEATURE = "mask_features"  # map in `features` pooled under the joint mask
     s.RELATION.TEXT_DIM = 0  # D of predicate text embeddings; 0 = the CLIP model's embed dim
@@ -224,3 +220,56 @@ def _add_evaluation_config(cfg: CN) -> None:
     cfg.TEST.PSG_EVAL.IOU_THRESHOLD = 0.5  # subject and object mask (box for VG) IoU to match
     cfg.TEST.PSG_EVAL.RECALL_KS = [20, 50, 100]  # K of R@K / mR@K
     cfg.TEST.PSG_EVAL.PANOPTIC = True  # also compute PQ / SQ / RQ (masks only)
+
+
+# Keys whose value must be one of a fixed set (checked by validate_spade_config).
+_CHOICES = {
+    "INPUT.RANDOM_FLIP": ("none", "horizontal"),
+    "INPUT.CORRUPT_IMAGE_POLICY": ("skip", "fatal"),
+    "INPUT.FORMAT": ("RGB", "BGR"),
+    "MODEL.SPADE.PRESET": ("TINY", "PRETRAINED"),
+    "MODEL.SPADE.DIFFUSION.DTYPE": ("float32", "float16", "bfloat16"),
+    "MODEL.SPADE.RELATION.GRAPH_MODE": ("fixed", "knn"),
+    "CALIBRATION.INVERSION": ("belm", "ddim"),
+    "CALIBRATION.SAMPLER": ("belm", "ddim"),
+    "CALIBRATION.NOISE": ("inversion", "random"),
+    "CALIBRATION.MAP_NORMALIZATION": ("max", "sum", "none"),
+    "SOLVER.OPTIMIZER": ("ADAMW", "SGD"),
+    "SOLVER.NONFINITE_LOSS": ("raise", "skip"),
+    "TEST.PSG_EVAL.PROTOCOL": ("multi", "single", "both"),
+}
+# Keys whose value must lie in a range: (low, high, low inclusive).
+_RANGES = {
+    "MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA": (0.0, 1.0),
+    "MODEL.SPADE.OPEN_VOCAB.FUSION_BETA": (0.0, 1.0),
+    "MODEL.SPADE.RELATION.ETA": (-1.0, 1.0),
+    "TEST.PSG_EVAL.IOU_THRESHOLD": (0.0, 1.0),
+    "SOLVER.IMS_PER_BATCH": (1, None),
+    "SOLVER.MAX_ITER": (0, None),
+    "SOLVER.BASE_LR": (0.0, None),
+    "MODEL.SPADE.LORA.RANK": (1, None),
+    "MODEL.SPADE.IMPLICIT_TEXT.NUM_TOKENS": (1, None),
+    "MODEL.SPADE.MASK_HEAD.NUM_OBJECT_QUERIES": (1, None),
+    "INPUT.IMAGE_SIZE": (1, None),
+}
+
+
+def _get(cfg: CN, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate_spade_config(cfg: CN) -> None:
+    """Check the enumerated and ranged keys; a bad value is a ValueError naming the key, the
+    value and what is allowed."""
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ValueError(f"{key} = {value!r} is not one of {list(allowed)}")
+    for key, (low, high) in _RANGES.items():
+        value = _get(cfg, key)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{key} = {value!r} must be {bounds}")

@@ -19,7 +19,7 @@ def test_config_merges(path):
     cfg = get_cfg()
     add_spade_config(cfg)
     cfg.merge_from_file(path)
-    assert cfg.MODEL.SPADE.OPEN_VOCAB.ALPHA == pytest.approx(0.34)
+    assert cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA == pytest.approx(0.34)
     assert cfg.MODEL.SPADE.RELATION.ETA == pytest.approx(0.65)
     assert cfg.MODEL.SPADE.RELATION.RQC_WEIGHT == pytest.approx(0.6)
 

@@ -73,7 +73,9 @@ def test_parse_vocabulary(tmp_path):
     assert demo.parse_vocabulary(" cat, sofa ,,floor ", "--classes") == ["cat", "sofa", "floor"]
     f = tmp_path / "preds.txt"
     f.write_text("# predicates\non\n\nnext to\n")
-    assert demo.parse_vocabulary(str(f), "--predicates") == ["on", "next to"]
+    assert demo.parse_vocabulary("@" + str(f), "--predicates") == ["on", "next to"]
+    with pytest.raises(ValueError, match="is a file; write @"):
+        demo.parse_vocabulary(str(f), "--predicates")
     with pytest.raises(ValueError, match="--classes: no names"):
         demo.parse_vocabulary(" , ", "--classes")
     with pytest.raises(ValueError, match=r"--predicates: names given twice .*\['on'\]"):
@@ -182,7 +184,7 @@ def test_run_demo_writes_outputs_per_image(tmp_path):
     assert Image.open(out / "two_graph.png").size == (20 * 20, 30 * 20)  # 20 * 20 >= 384
     assert demo.run_demo(predictor, paths[:1], str(out), confidence_threshold=0.8)
     assert json.load(open(out / "one_triplets.json"))["triplets"] == []
-    with pytest.raises(ValueError, match="cannot read image .*broken.png"):
+    with pytest.raises(OSError, match="cannot read image .*broken.png"):
         demo.run_demo(predictor, [str(inputs / "broken.png")], str(out))
 
 

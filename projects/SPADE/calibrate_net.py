@@ -17,13 +17,13 @@ MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS; teacher/student map figures go to
 import logging
 import os
 
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from spade.calibration.trainer import CalibrationTrainer
 from spade.calibration.visualize import draw_dataset_examples
-from spade.engine.defaults import setup_cfg
+from spade.engine.defaults import argument_parser, run_cli, setup_cfg
 
 logger = logging.getLogger("spade.calibration")
 
@@ -55,10 +55,8 @@ def main(args):
     return result
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
-    launch(
+def launch_main(args):
+    return launch(
         main,
         args.num_gpus,
         num_machines=args.num_machines,
@@ -66,3 +64,9 @@ if __name__ == "__main__":
         dist_url=args.dist_url,
         args=(args,),
     )
+
+
+if __name__ == "__main__":
+    args = argument_parser(epilog=__doc__).parse_args()
+    print("Command Line Args:", args)
+    run_cli(launch_main, args)  # bad input: one line on stderr, exit 2 (--debug: traceback)

@@ -4,15 +4,18 @@
     python projects/SPADE/demo.py --config-file configs/synthetic/spade_tiny_synthpsg.yaml \\
         --input photo.jpg "shots/*.png" folder/ --output out/ \\
         --opts MODEL.WEIGHTS output/model_final.safetensors
-    # open vocabulary at inference: names, or files with one name per line
+    # open vocabulary at inference: a comma list, or @FILE with one name per line
     python projects/SPADE/demo.py --config-file CFG --input photo.jpg --output out/ \\
-        --classes "cat,sofa,floor,wall" --predicates predicates.txt
+        --classes "cat,sofa,floor,wall" --predicates @predicates.txt
 
 For each input image ``<stem>`` it writes into --output:
 ``<stem>_panoptic.png`` (panoptic overlay + the top triplets), ``<stem>_graph.png`` (the scene
 graph: nodes coloured like their masks, labelled directed edges) and ``<stem>_triplets.json``
 (segments and ranked triplets with names and scores). A folder input means the images directly in
-it (.jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff); a glob is expanded and sorted.
+it (.jpg, .jpeg, .png, .bmp, .webp, .tif, .tiff); a glob is expanded and sorted. Images of any
+PIL mode (16-bit, CMYK, palette, alpha) are converted to 8-bit RGB (spade.data.image_io). A bad
+input (missing file, unreadable image, bad vocabulary or config) ends with one line on stderr and
+exit status 2; --debug shows the traceback.
 """
 
 import argparse
@@ -22,13 +25,12 @@ import os
 import sys
 from typing import Dict, Iterable, List, Optional, Sequence
 
-import numpy as np
 import tqdm
-from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
+from spade.data.image_io import read_image  # noqa: E402
 from spade.utils.visualizer import SceneGraphVisualizer  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -58,12 +60,15 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--classes",
         default=None,
-        help="object classes: comma-separated names or a file (one a line)",
+        help="object classes: comma-separated names, or @FILE (one name a line)",
     )
     parser.add_argument(
         "--predicates",
         default=None,
-        help="predicates: comma-separated names or a file (one a line)",
+        help="predicates: comma-separated names, or @FILE (one name a line)",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an input error"
     )
     parser.add_argument(
         "--opts",
@@ -123,19 +128,29 @@ def output_stems(paths: Sequence[str]) -> List[str]:
 
 
 def parse_vocabulary(value: Optional[str], option: str) -> Optional[List[str]]:
-    """Names from ``value``: an existing file (one name a line; blank lines and lines starting
-    with '#' skipped) or a comma-separated list. None stays None.
+    """Names from ``value``: ``@FILE`` (one name a line; blank lines and lines starting with '#'
+    skipped) or a comma-separated list. None stays None.
 
     Raises:
-        ValueError: no names, or a name given twice (naming the option).
+        FileNotFoundError: ``@FILE`` that does not exist.
+        ValueError: no names, a name given twice, a file that is not UTF-8 text, or a value that
+            names an existing file without the ``@`` (naming the option).
     """
     if value is None:
         return None
-    if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            names = [line.strip() for line in f]
+    if value.startswith("@"):
+        path = value[1:]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{option} {value}: file {path} does not exist")
+        try:
+            with open(path, encoding="utf-8") as f:
+                names = [line.strip() for line in f]
+        except UnicodeDecodeError:
+            raise ValueError(f"{option} {value}: file {path} is not UTF-8 text") from None
         names = [n for n in names if n and not n.startswith("#")]
-        source = f"file {value}"
+        source = f"file {path}"
+    elif os.path.isfile(value):
+        raise ValueError(f"{option} {value!r} is a file; write @{value} to read names from it")
     else:
         names = [n.strip() for n in value.split(",") if n.strip()]
         source = repr(value)
@@ -166,11 +181,7 @@ def run_demo(
     for path, stem in tqdm.tqdm(
         list(zip(paths, output_stems(paths))), desc="SPADE demo", unit="image"
     ):
-        try:
-            image = read_image(path, format="RGB")
-        except Exception as e:  # PIL raises several types for unreadable files
-            raise ValueError(f"cannot read image {path}: {e}") from e
-        image = np.ascontiguousarray(image)
+        image = read_image(path, format="RGB")  # OSError naming the file
         predictions = predictor(image, format="RGB")
         written.append(
             visualizer.save(
@@ -199,7 +210,14 @@ def _class_colors(predictor) -> Optional[List]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, str]]:
+    """Run the demo; bad input exits with status 2 and one line on stderr (see module doc)."""
+    from spade.engine.defaults import run_cli
+
     args = get_parser().parse_args(argv)
+    return run_cli(_run, args, prog="demo.py")
+
+
+def _run(args) -> List[Dict[str, str]]:
     setup_logger(name="spade")
     if args.top_k_relations < 0:
         raise ValueError(f"--top-k-relations must be >= 0, got {args.top_k_relations}")

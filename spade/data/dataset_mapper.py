@@ -9,9 +9,11 @@ INPUT.CROP.MIN_KEEP_AREA pixels are dropped together with their relations; the o
 indices are remapped. A flip swaps predicates through the metadata's ``predicate_flip_map``.
 Test: one resize so the image fits INPUT.IMAGE_SIZE (aspect kept), nothing dropped.
 
-Panoptic datasets: the PNG (COCO RGB ids) is turned into a map of segment indices (0 = void or an
-id not in ``segments_info``), which is augmented once, so masks stay a partition. A segment id of
-``segments_info`` that is absent from its PNG is an error naming the PNG, the image id and the id.
+Panoptic datasets: the PNG (COCO RGB ids) is turned into a map of segment indices (0 = void or a
+segment the open-vocabulary filter removed, ``void_segment_ids``), which is augmented once, so
+masks stay a partition. The PNG and ``segments_info`` are checked both ways (as panopticapi
+does): an id of one that is absent from the other is an error naming the PNG, the image id and
+the ids. Images of any PIL mode are read by :func:`spade.data.image_io.read_image`.
 Box-only datasets (VG, ``pan_seg_file_name`` None): boxes are transformed and rasterised as
 box-shaped masks (they may overlap).
 
@@ -35,6 +37,8 @@ from detectron2.data import transforms as T
 from detectron2.structures import Boxes, Instances
 from panopticapi.utils import rgb2id
 from PIL import Image
+
+from .image_io import read_image
 
 __all__ = [
     "SPADEDatasetMapper",
@@ -154,7 +158,7 @@ class SPADEDatasetMapper:
     # ------------------------------------------------------------------ reading
     def _read_image(self, d: dict) -> Optional[np.ndarray]:
         try:
-            image = utils.read_image(d["file_name"], format=self.image_format)
+            image = read_image(d["file_name"], format=self.image_format)
         except Exception as e:  # unreadable or missing file: PIL / OS errors of many kinds
             msg = f"cannot read image {d['file_name']} (image_id {d.get('image_id')}): {e}"
             if self.is_train and self.corrupt_image_policy == "skip":
@@ -188,6 +192,13 @@ class SPADEDatasetMapper:
             raise ValueError(
                 f"panoptic PNG {path} (image_id {d['image_id']}): segments_info ids "
                 f"{seg_ids[~present].tolist()} do not occur in the PNG"
+            )
+        known = set(seg_ids.tolist()) | set(d.get("void_segment_ids", [])) | {0}
+        unknown = [int(u) for u in uniq if int(u) not in known]
+        if unknown:
+            raise ValueError(
+                f"panoptic PNG {path} (image_id {d['image_id']}): ids {unknown[:10]} in the PNG "
+                "are not in segments_info"
             )
         lookup = {int(s): k + 1 for k, s in enumerate(seg_ids)}
         index_of_id = np.array([lookup.get(int(u), 0) for u in uniq], dtype=np.int64)

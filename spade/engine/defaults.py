@@ -5,20 +5,32 @@
 - :func:`prepare_datasets`: generates SynthPSG when a config names it and its folder is empty
   (main process only; the others wait), and registers it at the configured root.
 - :func:`run_training`: the usual detectron2 ``--eval-only`` / ``--resume`` / train flow.
+- :func:`argument_parser` / :func:`run_cli`: detectron2's parser plus ``--debug``; bad input
+  (a missing or malformed file, an unknown config key, a bad value) ends the command with one
+  line ``<prog>: error: <message>`` on stderr and exit status 2, the traceback only with --debug.
 """
 
 import logging
 import os
+import sys
 
 import torch
+import yaml
 from detectron2.config import CfgNode, get_cfg
-from detectron2.engine import default_setup
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
-from spade.config import add_spade_config
+from spade.config import add_spade_config, validate_spade_config
 
-__all__ = ["setup_cfg", "prepare_datasets", "run_training"]
+__all__ = [
+    "setup_cfg",
+    "merge_config",
+    "prepare_datasets",
+    "run_training",
+    "argument_parser",
+    "run_cli",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +41,7 @@ def setup_cfg(args, *, freeze: bool = True, do_default_setup: bool = True) -> Cf
 
     cfg = get_cfg()
     add_spade_config(cfg)
-    if getattr(args, "config_file", ""):
-        if not os.path.isfile(args.config_file):
-            raise FileNotFoundError(f"--config-file {args.config_file} does not exist")
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(getattr(args, "opts", []) or []))
+    merge_config(cfg, getattr(args, "config_file", ""), list(getattr(args, "opts", []) or []))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     if freeze:
@@ -44,6 +52,58 @@ def setup_cfg(args, *, freeze: bool = True, do_default_setup: bool = True) -> Cf
         seed_all_rng(cfg.SEED)  # same seed, same randomly initialised parts
     prepare_datasets(cfg)
     return cfg
+
+
+def merge_config(cfg: CfgNode, config_file: str = "", opts=()) -> CfgNode:
+    """Merge a YAML and ``KEY VALUE`` opts into ``cfg``, then :func:`validate_spade_config`.
+
+    Every problem is a ValueError / FileNotFoundError naming the file (or "command-line opts")
+    and the key: a missing file, YAML syntax, an unknown key, a value of the wrong type.
+    """
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"--config-file {config_file} does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except (KeyError, ValueError, TypeError, AssertionError, yaml.YAMLError) as e:
+            raise ValueError(f"--config-file {config_file}: {_one_line(e)}") from None
+    try:
+        cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, TypeError, AssertionError) as e:
+        raise ValueError(f"command-line opts: {_one_line(e)}") from None
+    validate_spade_config(cfg)
+    return cfg
+
+
+def _one_line(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(msg).split()) or type(e).__name__
+
+
+def argument_parser(epilog=None):
+    """detectron2's default_argument_parser plus ``--debug`` (traceback on bad input)."""
+    parser = default_argument_parser(epilog=epilog)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback of an input error"
+    )
+    return parser
+
+
+# errors that mean "the user gave us something wrong": files, keys, values
+BAD_INPUT_ERRORS = (OSError, ValueError, KeyError, yaml.YAMLError)
+
+
+def run_cli(fn, args, prog: str = ""):
+    """Return ``fn(args)``; a bad-input error exits with status 2 and one line on stderr
+    (``prog: error: message``), re-raised unchanged with ``args.debug``."""
+    try:
+        return fn(args)
+    except BAD_INPUT_ERRORS as e:
+        if getattr(args, "debug", False):
+            raise
+        prog = prog or os.path.basename(sys.argv[0])
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
 
 
 def prepare_datasets(cfg: CfgNode) -> None:

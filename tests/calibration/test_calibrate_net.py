@@ -26,7 +26,7 @@ def _args(script, out, data, *extra):
     """Parsed command line: flags (``--resume``) and opts (KEY VALUE pairs) from ``extra``."""
     flags = [e for e in extra if e.startswith("--")]
     opts = [e for e in extra if not e.startswith("--")]
-    return script.default_argument_parser().parse_args(
+    return script.argument_parser().parse_args(
         ["--config-file", CONFIG, *flags, "DATASETS.SYNTHPSG.ROOT", data, "OUTPUT_DIR", out, *opts]
     )
 
@@ -175,10 +175,18 @@ def test_stage1_refuses_nonfinite_loss_like_stage2(instant_run):
     _, trainer, _, _, _ = instant_run
     assert isinstance(trainer, SPADETrainer) and isinstance(trainer.model, LossGuard)
     model = trainer.calibration_model
+    triplets = trainer.train_items[0][1]
+    r = model.teacher.resolution
+    batch = [
+        {
+            "image": torch.rand(3, 64, 64),
+            "triplets": triplets,
+            "teacher_maps": torch.zeros(len(triplets), 3, r, r),
+        }
+    ]
     lam, model.lambda_cal = model.lambda_cal, float("nan")
     try:
-        trainer.iter = trainer._trainer.iter = 5
         with EventStorage(5), pytest.raises(NonFiniteLossError, match="iteration 5: loss_cal=nan"):
-            trainer.run_step()
+            trainer.model(batch)
     finally:
         model.lambda_cal = lam

@@ -13,11 +13,13 @@ like void, so a novel object never reaches the loss as a known class) together w
 that uses them, and relation indices are remapped. Category and predicate ids stay those of the full
 vocabulary. Images left without relations are dropped (logged).
 
-Validation (eager, while loading): missing keys, category / predicate / relation indices out of
-range, and (``check_files=True``) missing image or PNG files raise ``ValueError`` /
-``FileNotFoundError`` naming the file, the image id and the field. Whether every segment id
-occurs in its PNG is checked lazily by :class:`spade.data.dataset_mapper.SPADEDatasetMapper`,
-which reads the PNG anyway.
+Validation (eager, while loading): malformed JSON, missing keys, non-integer ids and indices,
+relation rows that are not 3 ints, category / predicate / relation indices out of range, repeated
+image or segment ids, repeated class names, and (``check_files=True``) missing image or PNG files
+raise ``ValueError`` / ``FileNotFoundError`` naming the file, the image id and the field. The PNG
+is checked against ``segments_info`` both ways (as panopticapi does) lazily by
+:class:`spade.data.dataset_mapper.SPADEDatasetMapper`, which reads the PNG anyway; segments
+removed by the open-vocabulary filter are listed in ``void_segment_ids``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = [
     "register_psg",
+    "read_json",
     "load_psg_json",
     "load_ov_split",
     "apply_ov_filter",
@@ -73,10 +76,45 @@ def class_colors(n: int, offset: int = 0) -> List[List[int]]:
     return out
 
 
+def read_json(path: str, what: str = "annotation file"):
+    """``json.load`` of ``path``; a missing, unreadable or malformed file is a one-line error
+    naming the file (and line / column of a syntax error)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_class_lists(psg: dict, json_file: str) -> None:
+    """thing_classes / stuff_classes / predicate_classes: lists of distinct non-empty names."""
+    names = []
+    for key in ("thing_classes", "stuff_classes", "predicate_classes"):
+        value = psg[key]
+        if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+            raise ValueError(f"{json_file}: field {key!r} must be a list of non-empty strings")
+        if key == "predicate_classes":
+            if not value:
+                raise ValueError(f"{json_file}: field 'predicate_classes' is empty")
+            dup = sorted({n for n in value if value.count(n) > 1})
+        else:
+            names += value
+            dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"{json_file}: field {key!r} names {dup} more than once")
+
+
 def load_ov_split(path: str) -> Dict[str, List[str]]:
     """Read an open-vocabulary split json with keys base_/novel_ objects and predicates."""
-    with open(path) as f:
-        split = json.load(f)
+    split = read_json(path, "open-vocabulary split")
     for key in _OV_KEYS:
         if key not in split or not isinstance(split[key], list):
             raise ValueError(f"{path}: open-vocabulary split lacks the list {key!r}")
@@ -88,16 +126,30 @@ def _err(json_file: str, image_id, msg: str) -> ValueError:
 
 
 def _check_image(rec: dict, json_file: str, n_classes: int, n_preds: int) -> None:
+    if not isinstance(rec, dict):
+        raise ValueError(f"{json_file}: an entry of 'data' is {type(rec).__name__}, not an object")
     image_id = rec.get("image_id", "<missing>")
     for key in _IMAGE_KEYS:
         if key not in rec:
             raise _err(json_file, image_id, f"missing field {key!r}")
+    for key in ("height", "width"):
+        if not _is_int(rec[key]) or rec[key] <= 0:
+            raise _err(json_file, image_id, f"field {key!r} = {rec[key]!r} is not a positive int")
+    for key in ("segments_info", "relations"):
+        if not isinstance(rec[key], list):
+            raise _err(json_file, image_id, f"field {key!r} is not a list")
     n_seg = len(rec["segments_info"])
     seen_ids = set()
     for k, seg in enumerate(rec["segments_info"]):
         for key in _SEGMENT_KEYS:
             if key not in seg:
                 raise _err(json_file, image_id, f"segments_info[{k}] missing field {key!r}")
+            if not _is_int(seg[key]):
+                raise _err(
+                    json_file, image_id, f"segments_info[{k}].{key} = {seg[key]!r} is not an int"
+                )
+        if seg["id"] <= 0:
+            raise _err(json_file, image_id, f"segments_info[{k}].id {seg['id']} is not >= 1")
         if seg["id"] in seen_ids:
             raise _err(json_file, image_id, f"segments_info[{k}].id {seg['id']} is repeated")
         seen_ids.add(seg["id"])
@@ -109,11 +161,13 @@ def _check_image(rec: dict, json_file: str, n_classes: int, n_preds: int) -> Non
                 f"{seg['category_id']} is not a known category (0..{n_classes - 1})",
             )
     for k, rel in enumerate(rec["relations"]):
-        if len(rel) != 3:
+        if not isinstance(rel, list) or len(rel) != 3 or not all(_is_int(v) for v in rel):
             raise _err(
-                json_file, image_id, f"relations[{k}] = {rel} is not [subject, object, predicate]"
+                json_file,
+                image_id,
+                f"relations[{k}] = {rel!r} is not [subject, object, predicate] of 3 ints",
             )
-        s, o, p = (int(v) for v in rel)
+        s, o, p = rel
         if not (0 <= s < n_seg and 0 <= o < n_seg):
             raise _err(
                 json_file,
@@ -180,7 +234,13 @@ def apply_ov_filter(d: dict, novel_categories: set, novel_predicates: set) -> di
         for s, o, p in d["relations"]
         if s in remap and o in remap and p not in novel_predicates
     ]
-    return dict(d, segments_info=[d["segments_info"][k] for k in keep], relations=rels)
+    void = [s["id"] for k, s in enumerate(d["segments_info"]) if k not in remap]
+    return dict(
+        d,
+        segments_info=[d["segments_info"][k] for k in keep],
+        relations=rels,
+        void_segment_ids=list(d.get("void_segment_ids", [])) + void,
+    )
 
 
 def _names_to_ids(names: Sequence[str], vocab: Sequence[str], what: str, source: str) -> set:
@@ -189,6 +249,17 @@ def _names_to_ids(names: Sequence[str], vocab: Sequence[str], what: str, source:
     if unknown:
         raise ValueError(f"{source}: open-vocabulary split names unknown {what} {unknown}")
     return {index[n] for n in names}
+
+
+def _check_top_level(psg, json_file: str) -> None:
+    if not isinstance(psg, dict):
+        raise ValueError(f"{json_file}: top level is {type(psg).__name__}, not an object")
+    for key in _TOP_KEYS:
+        if key not in psg:
+            raise ValueError(f"{json_file}: missing top-level field {key!r}")
+    if not isinstance(psg["data"], list):
+        raise ValueError(f"{json_file}: field 'data' is not a list")
+    check_class_lists(psg, json_file)
 
 
 def load_psg_json(
@@ -208,13 +279,8 @@ def load_psg_json(
     """
     if split not in SPLITS:
         raise ValueError(f"{json_file}: unknown split {split!r}; expected one of {SPLITS}")
-    if not os.path.isfile(json_file):
-        raise FileNotFoundError(f"PSG annotation file {json_file} does not exist")
-    with open(json_file) as f:
-        psg = json.load(f)
-    for key in _TOP_KEYS:
-        if key not in psg:
-            raise ValueError(f"{json_file}: missing top-level field {key!r}")
+    psg = read_json(json_file, "PSG annotation file")
+    _check_top_level(psg, json_file)
     things, stuff, preds = psg["thing_classes"], psg["stuff_classes"], psg["predicate_classes"]
     for key in expected_classes or {}:
         if list(psg[key]) != list(expected_classes[key]):
@@ -234,8 +300,12 @@ def load_psg_json(
         wanted = lambda i: True  # noqa: E731
 
     dicts = []
+    seen_images = set()
     for rec in psg["data"]:
         _check_image(rec, json_file, len(things) + len(stuff), len(preds))
+        if str(rec["image_id"]) in seen_images:
+            raise _err(json_file, rec["image_id"], "image_id is repeated in 'data'")
+        seen_images.add(str(rec["image_id"]))
         if not wanted(str(rec["image_id"])):
             continue
         d = _to_dict(rec, image_root, seg_root, len(things))
@@ -377,10 +447,8 @@ def register_psg(
     if isinstance(ov_split, str):
         ov_split = load_ov_split(ov_split)
     if classes is None:
-        if not os.path.isfile(json_file):
-            raise FileNotFoundError(f"register_psg({name!r}): {json_file} does not exist")
-        with open(json_file) as f:
-            psg = json.load(f)
+        psg = read_json(json_file, f"register_psg({name!r}): annotation file")
+        _check_top_level(psg, json_file)
         classes = {k: psg[k] for k in ("thing_classes", "stuff_classes", "predicate_classes")}
     meta = psg_metadata(
         classes["thing_classes"],

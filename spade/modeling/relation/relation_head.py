@@ -111,7 +111,7 @@ class RGTRelationHead(nn.Module):
             text_dim: D of predicate text embeddings (0 = no open-vocabulary classifier).
             num_predicates: size of the closed-set linear classifier (0 = none).
             logit_scale_init: log of the initial cosine temperature (pair selection, predicates).
-            fusion_alpha, fusion_beta: geometric-fusion weights (OPEN_VOCAB.ALPHA / BETA).
+            fusion_alpha, fusion_beta: geometric-fusion weights (OPEN_VOCAB.FUSION_ALPHA / _BETA).
             clip_temperature: temperature of the CLIP predicate branch's cosine logits.
             criterion: L_rel + L_rqc.
         """
@@ -205,8 +205,8 @@ class RGTRelationHead(nn.Module):
             "text_dim": relation_text_dim(cfg) if open_vocab else 0,
             "num_predicates": num_predicates,
             "logit_scale_init": cfg.MODEL.SPADE.OPEN_VOCAB.LOGIT_SCALE_INIT,
-            "fusion_alpha": cfg.MODEL.SPADE.OPEN_VOCAB.ALPHA,
-            "fusion_beta": cfg.MODEL.SPADE.OPEN_VOCAB.BETA,
+            "fusion_alpha": cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA,
+            "fusion_beta": cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_BETA,
             "clip_temperature": r.CLIP_TEMPERATURE,
             "criterion": RelationCriterion(
                 rel_weight=r.REL_WEIGHT,
