@@ -15,9 +15,6 @@ from PIL import Image
 from .panoptic import image_pq_stats
 from .sgg_metrics import GroundTruthGraph, ImageRecord, PredictedGraph, score_image
 
-# ids below this are mapped through a lookup table, larger ones (COCO colours) by binary search
-_LUT_IDS = 1 << 20
-
 
 def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
     """COCO panoptic ids [H, W] uint32 (R + 256 G + 256^2 B) of an RGB array [H, W, 3] uint8."""
@@ -38,47 +35,65 @@ def decode_panoptic_png(source) -> np.ndarray:
     with Image.open(source) as img:
         if img.mode != "RGB":
             img = img.convert("RGB")
-        rgb = np.asarray(img)
-    return rgb_to_ids(rgb)
+        # Pillow keeps RGB pixels as 4 bytes (R, G, B, pad): one copy, then drop the pad byte
+        ids = np.frombuffer(img.tobytes("raw", "RGBX"), dtype="<u4").reshape(img.height, img.width)
+    return ids & np.uint32(0xFFFFFF)
 
 
-def index_map(seg: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Flat [H*W] intp position of each pixel's id among distinct ``ids`` [N] (>= 1): N for void
-    (0), N + 1 for an id not in ``ids``."""
-    flat = seg.reshape(-1)
+def index_map(values: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """intp position [M] of each of ``values`` [M] (segment ids, flattened) among distinct ``ids``
+    [N] (>= 1): N for void (0), N + 1 for an id not in ``ids``."""
+    values = values.reshape(-1)
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids)
-    top = int(flat.max(initial=0))
-    if top < _LUT_IDS:
-        lut = np.full(top + 1, n + 1, dtype=np.intp)
-        inside = ids <= top
-        lut[ids[inside]] = np.flatnonzero(inside)
-        lut[0] = n
-        return lut[flat]
-    out = np.full(flat.shape, n + 1, dtype=np.intp)
+    out = np.full(values.shape, n + 1, dtype=np.intp)
     if n:
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
-        if sorted_ids[-1] <= np.iinfo(flat.dtype).max:
-            sorted_ids = sorted_ids.astype(flat.dtype)
-        pos = np.minimum(np.searchsorted(sorted_ids, flat), n - 1)
-        hit = sorted_ids[pos] == flat
+        pos = np.minimum(np.searchsorted(sorted_ids, values), n - 1)
+        hit = sorted_ids[pos] == values
         out[hit] = order[pos[hit]]
-    out[flat == 0] = n
+    out[values == 0] = n
     return out
+
+
+def pair_runs(gt_seg: np.ndarray, pred_seg: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Runs of pixels along each row with one (ground truth, prediction) id pair.
+
+    Returns (starts [M] flat pixel index, lengths [M]); M is a few per row and segment boundary,
+    so everything after this works on M runs instead of H*W pixels.
+    """
+    width = gt_seg.shape[1]
+    g, p = gt_seg.reshape(-1), pred_seg.reshape(-1)
+    change = g[1:] != g[:-1]
+    change |= p[1:] != p[:-1]
+    change[width - 1 :: width] = True  # a run never crosses a row end
+    starts = np.flatnonzero(change)
+    starts += 1
+    starts = np.concatenate([np.zeros(1, dtype=starts.dtype), starts])
+    return starts, np.diff(np.append(starts, g.size))
 
 
 def joint_histogram(
     pred_seg: np.ndarray, pred_ids: np.ndarray, gt_seg: np.ndarray, gt_ids: np.ndarray
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """(joint [U + 2, N + 2] int64 pixel counts, ground-truth index map [H*W]) of distinct ids."""
+    """(joint [U + 2, N + 2] int64 pixel counts, ground-truth centres [N, 2] (x, y), NaN when
+    empty) of distinct ids, from the pixel runs of the two maps."""
     u, n = len(pred_ids), len(gt_ids)
-    gt_index = index_map(gt_seg, gt_ids)
-    key = index_map(pred_seg, pred_ids)
+    starts, lengths = pair_runs(gt_seg, pred_seg)
+    gt_index = index_map(gt_seg.reshape(-1)[starts], gt_ids)
+    key = index_map(pred_seg.reshape(-1)[starts], pred_ids)
     key *= n + 2
     key += gt_index
-    joint = np.bincount(key, minlength=(u + 2) * (n + 2)).reshape(u + 2, n + 2)
-    return joint, gt_index
+    joint = np.bincount(key, weights=lengths, minlength=(u + 2) * (n + 2))
+    joint = joint.astype(np.int64).reshape(u + 2, n + 2)
+    y, x0 = np.divmod(starts, gt_seg.shape[1])
+    sum_x = np.bincount(gt_index, weights=lengths * (x0 + (lengths - 1) / 2), minlength=n + 2)
+    sum_y = np.bincount(gt_index, weights=lengths * y, minlength=n + 2)
+    area = joint[:, :n].sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centers = np.stack([sum_x[:n] / area, sum_y[:n] / area], axis=1)
+    return joint, centers
 
 
 def listing_problems(
@@ -125,7 +140,7 @@ def evaluate_image(
     unique_ids, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     gt_ids = np.asarray(gt.segment_ids, dtype=np.int64)
     u, n = len(unique_ids), len(gt_ids)
-    joint, gt_index = joint_histogram(pred.seg, unique_ids, gt.seg, gt_ids)
+    joint, centers = joint_histogram(pred.seg, unique_ids, gt.seg, gt_ids)
     area_p, area_g = joint[:u].sum(1), joint[:, :n].sum(0)
     if files is not None:
         where = f"image {gt.image_id}: "
@@ -145,7 +160,7 @@ def evaluate_image(
         False,
         num_predicates,
         iou=iou[inverse.reshape(-1)],
-        gt_index=gt_index,
+        centers=centers,
     )
     if not panoptic:
         return record, None, []

@@ -236,7 +236,7 @@ def score_image(
     box_only: bool = False,
     num_predicates: Optional[int] = None,
     iou: Optional[np.ndarray] = None,
-    gt_index: Optional[np.ndarray] = None,
+    centers: Optional[np.ndarray] = None,
 ) -> ImageRecord:
     """Match one image's prediction against its ground truth under each protocol.
 
@@ -244,14 +244,17 @@ def score_image(
     no-graph-constraint candidates are all (row, predicate) pairs scored by
     predicate_score x subject score x object score, ranked (stable) and cut to ``max_k``;
     without predicate_scores each row scores one-hot over ``num_predicates`` columns.
-    iou [S, N] (mask IoU of every predicted entry with every ground-truth segment) and gt_index
-    [H*W] (each pixel's ground-truth segment index, >= N for none) may come from the caller's own
-    pass over the maps (image_pass.py); they are computed here otherwise.
+    iou [S, N] (mask IoU of every predicted entry with every ground-truth segment) and centers
+    [N, 2] (segment_centers) may come from the caller's own pass over the maps (image_pass.py);
+    they are computed here otherwise.
     """
     rel = np.asarray(gt.relations, dtype=np.int64).reshape(-1, 3)
-    if gt_index is None and not box_only and len(rel):
-        gt_index = _index_map(gt.seg, gt.segment_ids)
-    centers = segment_centers(gt, box_only, gt_index) if len(rel) else np.zeros((0, 2))
+    gt_index = None
+    if centers is None and len(rel):
+        gt_index = None if box_only else _index_map(gt.seg, gt.segment_ids)
+        centers = segment_centers(gt, box_only, gt_index)
+    elif centers is None:
+        centers = np.zeros((0, 2))
     dist = np.hypot(*(centers[rel[:, 0]] - centers[rel[:, 1]]).T) if len(rel) else np.zeros(0)
     with np.errstate(invalid="ignore"):
         distant = np.asarray(dist > gt.width / 3.0, dtype=bool)

@@ -11,9 +11,8 @@ import json
 import os
 
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
-
-from spade.evaluation.image_pass import ids_to_rgb
 
 NUM_THINGS, NUM_STUFF, NUM_PREDICATES = 80, 53, 56
 
@@ -28,7 +27,7 @@ def _voronoi(rng, seeds: np.ndarray, height: int, width: int, step: int = 8) -> 
 
 
 def _save(ids: np.ndarray, path: str) -> None:
-    Image.fromarray(ids_to_rgb(ids)).save(path)
+    Image.fromarray(id2rgb(ids)).save(path)
 
 
 def _image(rng, i: int, height: int, width: int, rows: int, root: str, pred_dir: str):

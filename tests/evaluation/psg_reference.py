@@ -12,15 +12,18 @@ per-predicate recall, averages per predicate and divides the sum by the vocabula
 import json
 import os
 import sys
+from collections import namedtuple
 
 import numpy as np
 from panopticapi.utils import rgb2id
 from PIL import Image
 
-from spade.evaluation.sgg_metrics import GroundTruthGraph, PredictedGraph
+# the fields the loop reads (spade's GroundTruthGraph / PredictedGraph have them too); the
+# reference imports nothing of spade, so timing it never pays for spade's imports
+Graph = namedtuple("Graph", "relations labels segment_ids seg")
 
 
-def row_matches(gt: GroundTruthGraph, pred: PredictedGraph) -> list:
+def row_matches(gt, pred) -> list:
     """For every predicted row, the list of ground-truth triplet indices it matches."""
     matches = []
     for s, o, p in pred.relations:
@@ -46,7 +49,7 @@ class ReferenceRecall:
         self.num_predicates = num_predicates
         self.images = []  # (ground-truth predicates [R], per-row matches)
 
-    def add(self, gt: GroundTruthGraph, pred: PredictedGraph) -> None:
+    def add(self, gt, pred) -> None:
         if len(gt.relations) == 0 or len(pred.relations) == 0:
             return
         self.images.append((np.asarray(gt.relations)[:, 2].copy(), row_matches(gt, pred)))
@@ -82,21 +85,18 @@ def reference_from_files(gt_json: str, seg_root: str, pred_dir: str, ks=(20, 50,
     for d, e in zip(images, entries):
         rel = np.asarray(d["relations"], dtype=np.int64).reshape(-1, 3)
         rel = rel[np.sort(np.unique(rel, axis=0, return_index=True)[1])]
-        gt = GroundTruthGraph(
-            str(d["image_id"]),
-            d["height"],
-            d["width"],
-            np.asarray([a["category_id"] for a in d["annotations"]]),
+        gt = Graph(
             rel,
+            np.asarray([a["category_id"] for a in d["annotations"]]),
             np.asarray([s["id"] for s in d["segments_info"]]),
-            seg=_read_png(os.path.join(seg_root, d["pan_seg_file_name"])),
+            _read_png(os.path.join(seg_root, d["pan_seg_file_name"])),
         )
         rows = np.asarray(e["relations"], dtype=np.int64).reshape(-1, 3) - [0, 0, 1]
-        pred = PredictedGraph(
-            np.asarray([s["id"] for s in e["segments_info"]]),
-            np.asarray([s["category_id"] - 1 for s in e["segments_info"]]),
+        pred = Graph(
             rows,
-            seg=_read_png(os.path.join(pred_dir, "panseg", e["pan_seg_file_name"])),
+            np.asarray([s["category_id"] - 1 for s in e["segments_info"]]),
+            np.asarray([s["id"] for s in e["segments_info"]]),
+            _read_png(os.path.join(pred_dir, "panseg", e["pan_seg_file_name"])),
         )
         ref.add(gt, pred)
     out = {}
