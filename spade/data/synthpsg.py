@@ -59,6 +59,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -74,6 +75,8 @@ __all__ = [
     "PREDICATE_FLIP_MAP",
     "OV_SPLIT",
     "PALETTE",
+    "Scene",
+    "render_scene",
     "generate_image",
     "generate_synthpsg",
     "ensure_synthpsg",
@@ -143,11 +146,14 @@ def _split_of(index: int) -> str:
     return "test" if r >= 8 else ("val" if r == 7 else "train")
 
 
-def _place_things(rng: np.random.Generator, size: int):
-    """Draw 2..8 shapes with occlusion control. Returns (classes, colours, full masks, visible)."""
-    target = int(rng.integers(2, 9))
+def _place_things(rng: np.random.Generator, size: int, num_things: Tuple[int, int] = (2, 8)):
+    """Draw ``num_things`` (inclusive range) shapes with occlusion control.
+
+    Returns (classes, colours, radii, full masks, owner map of the visible pixels)."""
+    target = int(rng.integers(num_things[0], num_things[1] + 1))
     classes: List[int] = []
     colours: List[str] = []
+    radii: List[float] = []
     full: List[np.ndarray] = []
     owner = np.full((size, size), -1, dtype=np.int64)
     names = list(PALETTE)
@@ -169,10 +175,11 @@ def _place_things(rng: np.random.Generator, size: int):
             if ok:
                 classes.append(cls)
                 colours.append(colour)
+                radii.append(float(r))
                 full.append(mask)
                 owner = trial
                 break
-    return classes, colours, full, owner
+    return classes, colours, radii, full, owner
 
 
 def _centroids(masks: np.ndarray) -> np.ndarray:
@@ -268,17 +275,48 @@ def _sample_relations(rng, cands, long_tail: float) -> List[List[int]]:
     return chosen
 
 
-def generate_image(seed: int, index: int, size: int = 128, long_tail: float = 0.85):
-    """Render image ``index`` of the dataset with ``seed``.
+@dataclass
+class Scene:
+    """Everything one rendered SynthPSG image is made of (the caption corpus describes it).
 
-    Returns (rgb uint8 [size, size, 3], panoptic RGB uint8 [size, size, 3], psg record dict with
-    relative file names ``images/NNNNNN.png`` / ``panoptic/NNNNNN.png``).
+    Things are in drawing order (back to front); stuff in segments_info order after them.
+    """
+
+    rgb: np.ndarray  # uint8 [size, size, 3]
+    panoptic: np.ndarray  # uint8 [size, size, 3], COCO RGB id encoding
+    record: dict  # the psg.json record (relations sampled from ``candidates``)
+    thing_classes: List[int]  # index into THING_CLASSES per thing
+    thing_colours: List[str]  # PALETTE name per thing
+    thing_radii: List[float]  # shape radius in pixels per thing
+    thing_masks: np.ndarray  # bool [N, size, size] visible masks
+    stuff_names: List[str]  # STUFF_CLASSES name per kept stuff segment
+    stuff_masks: np.ndarray  # bool [S, size, size]
+    candidates: List[Tuple[int, int, int]]  # every true (subject, object, predicate)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.rgb.shape[1])
+
+
+def render_scene(
+    seed: int,
+    index: int,
+    size: int = 128,
+    long_tail: float = 0.85,
+    num_things: Tuple[int, int] = (2, 8),
+) -> Scene:
+    """Render scene ``index`` of generator ``seed`` (a pure function of its arguments).
+
+    ``num_things`` is the inclusive range of shapes drawn; the dataset uses (2, 8), the caption
+    corpus (1, 8). Relations are sampled as for the dataset.
     """
     if size < 32:
         raise ValueError(f"SynthPSG size must be >= 32, got {size}")
+    if not 1 <= num_things[0] <= num_things[1]:
+        raise ValueError(f"num_things must be an increasing range >= 1, got {num_things}")
     rng = np.random.default_rng([int(seed), int(index)])
     stuff_map, stuff_names = stuff_layout(rng, size)
-    classes, colours, full, owner = _place_things(rng, size)
+    classes, colours, radii, full, owner = _place_things(rng, size, num_things)
     n = len(classes)
     # image: stuff colours + noise, then flat thing colours + noise
     image = np.zeros((size, size, 3), dtype=np.float64)
@@ -336,7 +374,19 @@ def generate_image(seed: int, index: int, size: int = 128, long_tail: float = 0.
         "annotations": annotations,
         "coco_image_id": index,
     }
-    return rgb, pan, record
+    return Scene(
+        rgb, pan, record, classes, colours, radii, thing_masks, kept_names, stuff_masks, cands
+    )
+
+
+def generate_image(seed: int, index: int, size: int = 128, long_tail: float = 0.85):
+    """Render image ``index`` of the dataset with ``seed``.
+
+    Returns (rgb uint8 [size, size, 3], panoptic RGB uint8 [size, size, 3], psg record dict with
+    relative file names ``images/NNNNNN.png`` / ``panoptic/NNNNNN.png``).
+    """
+    scene = render_scene(seed, index, size, long_tail)
+    return scene.rgb, scene.panoptic, scene.record
 
 
 def _write_json(obj, path: str) -> None:

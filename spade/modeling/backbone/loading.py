@@ -6,8 +6,14 @@ Nothing here runs at import time; every weight is read inside a ``build_*`` call
   ``scheduler/``) or a hub id. ``""`` builds the TINY preset from ``MODEL.SPADE.DIFFUSION.TINY``.
 * ``MODEL.SPADE.CLIP.MODEL_NAME`` + ``PRETRAINED``: an open_clip model name (or ``local-dir:``
   schema) with a checkpoint path (``.safetensors`` or a plain tensor state dict; loaded with
-  ``weights_only``). ``MODEL_NAME: "TINY"`` builds a 2-layer CLIP from ``MODEL.SPADE.CLIP.TINY``;
-  with a ``PRETRAINED`` path the TINY weights are read from it.
+  ``weights_only``), or ``PRETRAINED`` = a folder in open_clip's hub layout
+  (``open_clip_config.json`` + ``open_clip_model.safetensors``, as a downloaded
+  ``laion/CLIP-ViT-L-14-...`` repository or the project's shipped tiny CLIP), loaded through
+  open_clip's ``local-dir:`` path; ``MODEL_NAME`` then names it (checked against an open_clip
+  built-in config of that name, or against the folder's manifest). ``MODEL_NAME: "TINY"`` without
+  ``PRETRAINED`` builds a random 2-layer CLIP from ``MODEL.SPADE.CLIP.TINY`` (unit tests).
+* A model folder with a ``spade_manifest.json`` (the project's pretrained miniature models) is
+  verified file by file against the SHA-256 hashes it records before anything is loaded.
 
 A configured path that does not exist raises FileNotFoundError naming the config key; there is
 never a silent random init. The TINY CLIP uses open_clip's own BPE tokenizer (its vocabulary ships
@@ -17,6 +23,7 @@ cross_attention_dim, so the teacher can be conditioned on :func:`encode_text_tok
 Shape shorthand: N texts, L context length (77), W text width, B batch.
 """
 
+import json
 import logging
 import math
 import os
@@ -32,6 +39,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
+
+from spade.pretrain.manifest import verify_model_folder
 
 __all__ = [
     "DiffusionParts",
@@ -111,7 +120,8 @@ def tiny_unet_config(cfg: CfgNode) -> dict:
     channels = tuple(int(c) for c in t.BLOCK_OUT_CHANNELS)
     if len(channels) < 2:
         raise ValueError(
-            f"MODEL.SPADE.DIFFUSION.TINY.BLOCK_OUT_CHANNELS needs at least 2 entries, got {channels}"
+            "MODEL.SPADE.DIFFUSION.TINY.BLOCK_OUT_CHANNELS needs at least 2 entries, "
+            f"got {channels}"
         )
     if int(t.CROSS_ATTENTION_DIM) != int(cfg.MODEL.SPADE.CLIP.TINY.WIDTH) and _is_tiny_clip(cfg):
         raise ValueError(
@@ -201,6 +211,9 @@ def build_diffusion_parts(cfg: CfgNode) -> DiffusionParts:
         scheduler = sd_scheduler()
     else:
         _check_source(source, "MODEL.SPADE.DIFFUSION.PRETRAINED")
+        if os.path.isdir(source):
+            for sub in ("vae", "unet"):
+                verify_model_folder(os.path.join(source, sub), "MODEL.SPADE.DIFFUSION.PRETRAINED")
         try:
             vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype)
             unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype)
@@ -271,7 +284,9 @@ def build_clip(cfg: CfgNode) -> ClipParts:
     """
     c = cfg.MODEL.SPADE.CLIP
     name, pretrained = str(c.MODEL_NAME), str(c.PRETRAINED)
-    if name == "TINY":
+    if pretrained and os.path.isdir(pretrained):
+        model, tokenizer, mean, std = _load_open_clip_folder(name, pretrained)
+    elif name == "TINY":
         model = tiny_clip_model(cfg)
         if pretrained:
             if not os.path.isfile(pretrained):
@@ -290,8 +305,9 @@ def build_clip(cfg: CfgNode) -> ClipParts:
             and not _is_open_clip_tag(name, pretrained)
         ):
             raise FileNotFoundError(
-                f"MODEL.SPADE.CLIP.PRETRAINED={pretrained!r} is neither an existing checkpoint file "
-                f"nor an open_clip pretrained tag of MODEL.SPADE.CLIP.MODEL_NAME={name!r}"
+                f"MODEL.SPADE.CLIP.PRETRAINED={pretrained!r} is neither an existing checkpoint "
+                "file, an open_clip hub folder, nor an open_clip pretrained tag of "
+                f"MODEL.SPADE.CLIP.MODEL_NAME={name!r}"
             )
         if not pretrained and not name.startswith(("local-dir:", "hf-hub:")):
             _require_not_pretrained_preset(cfg, "MODEL.SPADE.CLIP.PRETRAINED")
@@ -315,6 +331,45 @@ def build_clip(cfg: CfgNode) -> ClipParts:
         embed_dim=int(model.visual.output_dim),
         text_width=int(model.token_embedding.weight.shape[1]),
     )
+
+
+def _load_open_clip_folder(name: str, folder: str):
+    """An open_clip hub-layout folder through open_clip's ``local-dir:`` path (see module doc)."""
+    key = "MODEL.SPADE.CLIP.PRETRAINED"
+    config_path = os.path.join(folder, "open_clip_config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(
+            f"{key}={folder!r} is a folder without open_clip_config.json (open_clip's hub layout: "
+            "open_clip_config.json + open_clip_model.safetensors)"
+        )
+    manifest = verify_model_folder(folder, key)
+    try:
+        with open(config_path) as f:
+            folder_cfg = json.load(f)["model_cfg"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{key}: {config_path} has no readable 'model_cfg' ({e})") from e
+    builtin = open_clip.get_model_config(name) if name not in ("", "TINY") else None
+    if builtin is not None and builtin != folder_cfg:
+        raise ValueError(
+            f"MODEL.SPADE.CLIP.MODEL_NAME={name!r} is an open_clip model whose config differs "
+            f"from {config_path} ({key}={folder!r}): they name different models"
+        )
+    recorded = (manifest or {}).get("model_name")
+    if builtin is None and recorded and name != recorded:
+        raise ValueError(
+            f"MODEL.SPADE.CLIP.MODEL_NAME={name!r} but {folder}/spade_manifest.json records "
+            f"model_name {recorded!r} ({key}={folder!r})"
+        )
+    try:
+        model = open_clip.create_model(f"local-dir:{folder}", weights_only=True)
+    except Exception as e:  # open_clip / safetensors raise their own types on bad files
+        raise ValueError(f"{key}={folder!r}: open_clip could not load the folder ({e})") from e
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    pp = open_clip.get_model_preprocess_cfg(model)
+    mean = tuple(pp.get("mean", OPENAI_DATASET_MEAN))
+    std = tuple(pp.get("std", OPENAI_DATASET_STD))
+    logger.info("Loaded CLIP %s from %s", name or "(unnamed)", folder)
+    return model, tokenizer, mean, std
 
 
 def check_text_conditioning(diffusion: DiffusionParts, clip_parts: ClipParts) -> None:

@@ -1,0 +1,62 @@
+"""Config of stage 0: pretraining the miniature foundation models (tiny CLIP, VAE, UNet).
+
+:func:`add_pretrain_config` adds one ``PRETRAIN`` node to detectron2's config (SOLVER, OUTPUT_DIR,
+SEED and MODEL.DEVICE keep their detectron2 meaning). ``PRETRAIN.TASK`` picks the model a run
+trains; each task exports its model in the format of the real one it stands in for.
+"""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_pretrain_config"]
+
+
+def add_pretrain_config(cfg: CN) -> None:
+    """Add the ``PRETRAIN`` node (every key commented) to ``cfg`` in place."""
+    cfg.PRETRAIN = CN()
+    p = cfg.PRETRAIN
+    p.TASK = "clip"  # "clip", "vae" or "unet": the model this run trains
+    p.EXPORT_DIR = ""  # folder the trained model is exported to (its standard format)
+
+    # ------------------------------------------------------------ caption corpus ("web data")
+    p.CORPUS = CN()
+    p.CORPUS.ROOT = "datasets/caption_corpus_s0"  # where the rendered corpus is cached
+    p.CORPUS.SEED = 0  # corpus seed; renders with generator seed 1,000,000 + SEED
+    p.CORPUS.NUM_IMAGES = 24000  # images in the corpus
+    p.CORPUS.IMAGE_SIZE = 128  # side of a corpus image (SynthPSG's default)
+    p.CORPUS.SHARD_SIZE = 2000  # images per cached shard (a build resumes shard by shard)
+    p.CORPUS.NUM_THINGS = [1, 8]  # inclusive range of things per corpus image
+    p.CORPUS.SYNONYM_PROB = 0.15  # probability of a synonym for each name in a caption
+    p.CORPUS.HELD_OUT = 200  # images after NUM_IMAGES rendered for held-out evaluation only
+
+    # ------------------------------------------------------------ tiny CLIP (open_clip format)
+    p.CLIP = CN()
+    p.CLIP.EMBED_DIM = 64  # joint image-text embedding dim
+    p.CLIP.IMAGE_SIZE = 64  # vision input side
+    p.CLIP.PATCH_SIZE = 8  # vision patch side (IMAGE_SIZE / PATCH_SIZE tokens a side)
+    p.CLIP.VISION_WIDTH = 96  # vision transformer width
+    p.CLIP.VISION_LAYERS = 4  # vision transformer layers
+    p.CLIP.VISION_POOL = "avg"  # "avg": the image embedding is the mean of the dense features
+    p.CLIP.TEXT_WIDTH = 64  # text transformer width (= the UNet's cross_attention_dim)
+    p.CLIP.TEXT_LAYERS = 4  # text transformer layers
+    p.CLIP.HEAD_WIDTH = 32  # width of one attention head in both towers
+    p.CLIP.CROP_PROB = 0.3  # share of samples that are a crop around one thing + its caption
+
+    # ------------------------------------------------------------ tiny VAE (AutoencoderKL)
+    p.VAE = CN()
+    p.VAE.BLOCK_OUT_CHANNELS = [32, 64, 64]  # channels per level (len - 1 downsamples: /4)
+    p.VAE.LAYERS_PER_BLOCK = 1  # resnet layers per block
+    p.VAE.LATENT_CHANNELS = 4  # latent channels (SD's 4)
+    p.VAE.CROP_SIZE = 64  # training crop side (the VAE is fully convolutional)
+    p.VAE.KL_WEIGHT = 1e-6  # weight of the KL term (SD's autoencoder uses 1e-6)
+    p.VAE.L2_WEIGHT = 1.0  # weight of the squared-error term beside the L1 term
+
+    # ------------------------------------------------------------ tiny UNet (UNet2DConditionModel)
+    p.UNET = CN()
+    p.UNET.BLOCK_OUT_CHANNELS = [64, 128, 128]  # channels per level
+    p.UNET.CROSS_ATTENTION_LEVELS = [True, True, False]  # levels with cross-attention blocks
+    p.UNET.LAYERS_PER_BLOCK = 1  # resnet (+ transformer) layers per block
+    p.UNET.ATTENTION_HEAD_DIM = 32  # channels per attention head
+    p.UNET.CLIP = ""  # the pretrained tiny CLIP (open_clip folder): its text tower conditions
+    p.UNET.VAE = ""  # the pretrained diffusers folder holding vae/
+    p.UNET.CAPTION_DROPOUT = 0.1  # share of empty captions (classifier-free guidance)
+    p.UNET.LATENT_CACHE = ""  # cache of the corpus's VAE latents ("" = OUTPUT_DIR/latents.npy)
