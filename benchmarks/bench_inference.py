@@ -30,7 +30,7 @@ from bench_backbone import RssPeak, _rss_bytes  # noqa: E402
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-import spade  # noqa: E402,F401  (registers SPADE)
+import spade.modeling  # noqa: E402,F401  (registers SPADE)
 from spade.config import add_spade_config  # noqa: E402
 from spade.data.synthpsg import PREDICATE_CLASSES, STUFF_CLASSES, THING_CLASSES  # noqa: E402
 

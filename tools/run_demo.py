@@ -2,11 +2,11 @@
 """The main job (`make demo`): the whole SPADE method on SynthPSG, on a CPU, in one folder.
 
 Steps (each reuses what an earlier run left, unless --fresh):
-  1. data     generate SynthPSG                                   -> OUT/synthpsg/
-  2. stage 1  inversion-guided calibration (tiny UNet, LoRA)      -> OUT/stage1/model_final.safetensors
-  3. stage 2  panoptic + relation training on the calibrated UNet -> OUT/stage2/model_final.safetensors
-  4. eval     R@K / mR@K / PQ on synthpsg_val                     -> OUT/eval/
-  5. visual   panoptic overlays + scene graphs for a few val images -> OUT/vis/
+  1. data     generate SynthPSG                                 -> OUT/synthpsg/
+  2. stage 1  inversion-guided calibration (tiny UNet, LoRA)    -> OUT/stage1/model_final...
+  3. stage 2  panoptic + relation training on the calibrated UNet -> OUT/stage2/model_final...
+  4. eval     R@K / mR@K / PQ on synthpsg_val                   -> OUT/eval/
+  5. visual   panoptic overlays + scene graphs for val images   -> OUT/vis/
 
 Each stage runs its real entry point (calibrate_net.py, train_net.py, demo.py) as a subprocess,
 so its progress (detectron2's logger with ETA, tqdm bars) shows as it goes. An interrupted run

@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 def setup_cfg(args, *, freeze: bool = True, do_default_setup: bool = True) -> CfgNode:
     """Build the config from ``args.config_file`` and ``args.opts`` (detectron2 argument parser)."""
-    import spade  # noqa: F401  (registers SPADE's datasets, backbone, meta-arch and heads)
+    import spade
+
+    spade.register_all()  # datasets, backbone, meta-arch and heads
 
     cfg = get_cfg()
     add_spade_config(cfg)

@@ -113,7 +113,9 @@ class ClipPretrainModel(nn.Module):
         if self.training:
             from detectron2.utils.events import get_event_storage
 
-            get_event_storage().put_scalar("logit_scale", float(logit_scale), smoothing_hint=False)
+            get_event_storage().put_scalar(
+                "logit_scale", float(logit_scale.detach()), smoothing_hint=False
+            )
         return {"loss_contrastive": loss}
 
 

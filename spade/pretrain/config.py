@@ -30,6 +30,7 @@ def add_pretrain_config(cfg: CN) -> None:
 
     # ------------------------------------------------------------ tiny CLIP (open_clip format)
     p.CLIP = CN()
+    p.CLIP.NAME = "SynthPSG-Tiny-CLIP"  # in the manifest; SPADE configs give it as CLIP.MODEL_NAME
     p.CLIP.EMBED_DIM = 64  # joint image-text embedding dim
     p.CLIP.IMAGE_SIZE = 64  # vision input side
     p.CLIP.PATCH_SIZE = 8  # vision patch side (IMAGE_SIZE / PATCH_SIZE tokens a side)
@@ -54,9 +55,23 @@ def add_pretrain_config(cfg: CN) -> None:
     p.UNET = CN()
     p.UNET.BLOCK_OUT_CHANNELS = [64, 128, 128]  # channels per level
     p.UNET.CROSS_ATTENTION_LEVELS = [True, True, False]  # levels with cross-attention blocks
+    p.UNET.ONLY_CROSS_ATTENTION_LEVELS = [True, False, False]
+    # ^ levels whose self-attention is replaced by a second cross-attention (CPU cost at 32 x 32)
     p.UNET.LAYERS_PER_BLOCK = 1  # resnet (+ transformer) layers per block
     p.UNET.ATTENTION_HEAD_DIM = 32  # channels per attention head
     p.UNET.CLIP = ""  # the pretrained tiny CLIP (open_clip folder): its text tower conditions
     p.UNET.VAE = ""  # the pretrained diffusers folder holding vae/
     p.UNET.CAPTION_DROPOUT = 0.1  # share of empty captions (classifier-free guidance)
     p.UNET.LATENT_CACHE = ""  # cache of the corpus's VAE latents ("" = OUTPUT_DIR/latents.npy)
+
+    # ------------------------------------------------------------ gates (measured on synthpsg_val)
+    p.GATES = CN()
+    p.GATES.DATA_ROOT = "datasets/synthpsg"  # SynthPSG folder whose val split the gates use
+    p.GATES.DATA_NUM_IMAGES = 600  # its size (generated when missing, as the SPADE configs do)
+    p.GATES.DATA_SEED = 0  # its seed
+    p.GATES.NUM_IMAGES = 0  # val images used (0 = all 60; tests use fewer)
+    p.GATES.NUM_TRIPLETS = 240  # triplets of the UNet pointing game (>= 200)
+    p.GATES.COMPARISON_TRIPLETS = 80  # triplets of each comparison teacher (DDIM, noise, random)
+    p.GATES.CALIBRATION_CONFIG = "configs/calibration/SynthPSG-Tiny.yaml"
+    # ^ stage-1 config whose teacher settings (steps, map resolution...) the pointing game uses
+    p.GATES.RETRIEVAL_CAPTIONS = 100  # held-out corpus captions of the retrieval gate

@@ -24,9 +24,9 @@ from .clip import (
     clip_preprocess_config,
     export_open_clip,
 )
-from .corpus import CORPUS_SEED_OFFSET, Corpus, CorpusSpec, build_corpus
+from .corpus import CORPUS_SEED_OFFSET, Corpus, CorpusSpec, build_corpus, check_disjoint
 from .engine import register_task
-from .manifest import code_commit, write_manifest
+from .manifest import code_commit, verify_model_folder, write_manifest
 from .vae import VaePretrainModel, measure_latent_scale, to_vae_input, vae_batches, vae_config
 
 __all__ = ["corpus_of", "training_info"]
@@ -35,6 +35,7 @@ __all__ = ["corpus_of", "training_info"]
 def corpus_of(cfg) -> Corpus:
     """The corpus of PRETRAIN.CORPUS, built first when missing (resumable)."""
     root = str(cfg.PRETRAIN.CORPUS.ROOT)
+    check_disjoint(int(cfg.PRETRAIN.CORPUS.SEED), [int(cfg.PRETRAIN.GATES.DATA_SEED)])
     build_corpus(root, CorpusSpec.from_cfg(cfg))
     return Corpus(root, synonym_prob=float(cfg.PRETRAIN.CORPUS.SYNONYM_PROB))
 
@@ -54,7 +55,7 @@ def training_info(cfg, trainer) -> dict:
             "rule": "render_scene(generator_seed, i, num_things=PRETRAIN.CORPUS.NUM_THINGS); "
             "SynthPSG datasets use generator seeds < 1,000,000",
         },
-        "iterations": int(trainer.iter) + 1,
+        "iterations": int(trainer.iter),  # detectron2 leaves iter at max_iter after training
         "batch_size": int(cfg.SOLVER.IMS_PER_BATCH),
         "wall_time_s": round(trainer.wall_clock.seconds, 1),
         "device": str(cfg.MODEL.DEVICE),
@@ -87,6 +88,7 @@ class ClipTask:
     def export(self, cfg, model, info: dict) -> str:
         folder = _export_dir(cfg)
         export_open_clip(model.clip, clip_model_config(cfg), clip_preprocess_config(cfg), folder)
+        info = dict(info, model_name=str(cfg.PRETRAIN.CLIP.NAME))
         write_manifest(folder, [CONFIG_NAME, WEIGHTS_NAME], info)
         return folder
 
@@ -122,3 +124,92 @@ def corpus_images(corpus: Corpus, n: int):
     import numpy as np
 
     return np.stack([corpus.image(i) for i in range(min(n, len(corpus)))])
+
+
+@register_task("unet")
+class UnetTask:
+    """Trains the UNet on frozen PRETRAIN.UNET.CLIP (text) and PRETRAIN.UNET.VAE latents."""
+
+    def _frozen(self, cfg):
+        from diffusers import AutoencoderKL
+
+        from spade.modeling.backbone.loading import load_clip_folder
+
+        u = cfg.PRETRAIN.UNET
+        if not u.CLIP or not u.VAE:
+            raise ValueError(
+                "PRETRAIN.UNET.CLIP and PRETRAIN.UNET.VAE must name the pretrained models"
+            )
+        clip = load_clip_folder(str(u.CLIP))
+        vae_dir = os.path.join(str(u.VAE), "vae")
+        verify_model_folder(vae_dir, "PRETRAIN.UNET.VAE")
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval().requires_grad_(False)
+        return clip, vae
+
+    def build_model(self, cfg):
+        from diffusers import UNet2DConditionModel
+
+        from .unet import UnetPretrainModel, unet_config
+
+        clip, vae = self._frozen(cfg)
+        size = int(cfg.PRETRAIN.CORPUS.IMAGE_SIZE) // 2 ** (len(vae.config.block_out_channels) - 1)
+        config = unet_config(cfg, clip.text_width, vae.config.latent_channels, size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(cfg.SEED))
+            unet = UNet2DConditionModel(**config)
+        return UnetPretrainModel(unet, clip, seed=int(cfg.SEED))
+
+    def batches(self, cfg):
+        from .unet import LatentCache, unet_batches
+
+        _, vae = self._frozen(cfg)
+        corpus = corpus_of(cfg)
+        path = str(cfg.PRETRAIN.UNET.LATENT_CACHE) or os.path.join(cfg.OUTPUT_DIR, "latents.npy")
+        cache = LatentCache(
+            path, vae, vae.config.scaling_factor, len(corpus), corpus.spec.image_size
+        )
+        return unet_batches(
+            corpus,
+            cache,
+            int(cfg.SOLVER.IMS_PER_BATCH),
+            float(cfg.PRETRAIN.UNET.CAPTION_DROPOUT),
+            seed=int(cfg.SEED),
+        )
+
+    def export(self, cfg, model, info: dict) -> str:
+        from spade.modeling.backbone.loading import sd_scheduler
+
+        root = _export_dir(cfg)
+        folder = os.path.join(root, "unet")
+        unet = model.unet.eval()
+        unet.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+        unet.to(torch.float32)
+        sd_scheduler().save_pretrained(os.path.join(root, "scheduler"))
+        write_model_index(root)
+        write_manifest(folder, ["config.json", "diffusion_pytorch_model.safetensors"], info)
+        return folder
+
+
+def write_model_index(root: str) -> None:
+    """diffusers' model_index.json of the SD folder (text conditioning comes from the open_clip
+    folder named by MODEL.SPADE.CLIP.PRETRAINED, so text_encoder / tokenizer are null)."""
+    import diffusers
+
+    from spade.utils.io import atomic_write_json
+
+    atomic_write_json(
+        os.path.join(root, "model_index.json"),
+        {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "vae": ["diffusers", "AutoencoderKL"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        },
+        indent=2,
+    )

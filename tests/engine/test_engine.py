@@ -173,7 +173,7 @@ def test_unknown_nonfinite_policy_is_refused():
 def test_diffusion_backbone_checkpoints_leave_out_frozen_pretrained_parts():
     from detectron2.modeling import build_backbone
 
-    import spade  # noqa: F401  (registers the backbone)
+    import spade.modeling  # noqa: F401  (registers the backbone)
     from spade.engine.checkpoint import frozen_state_prefixes
 
     cfg = _cfg()

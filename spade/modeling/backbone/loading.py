@@ -47,6 +47,7 @@ __all__ = [
     "ClipParts",
     "build_diffusion_parts",
     "build_clip",
+    "load_clip_folder",
     "check_text_conditioning",
     "tokenize",
     "encode_text_tokens",
@@ -319,6 +320,15 @@ def build_clip(cfg: CfgNode) -> ClipParts:
         pp = open_clip.get_model_preprocess_cfg(model)
         mean = tuple(pp.get("mean", OPENAI_DATASET_MEAN))
         std = tuple(pp.get("std", OPENAI_DATASET_STD))
+    return _clip_parts(model, tokenizer, mean, std)
+
+
+def load_clip_folder(folder: str, name: str = "") -> ClipParts:
+    """A frozen CLIP from an open_clip hub-layout folder (the ``CLIP.PRETRAINED`` folder path)."""
+    return _clip_parts(*_load_open_clip_folder(name, folder))
+
+
+def _clip_parts(model, tokenizer, mean, std) -> ClipParts:
     model.eval().requires_grad_(False)
     size = model.visual.image_size
     size = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -355,7 +365,7 @@ def _load_open_clip_folder(name: str, folder: str):
             f"from {config_path} ({key}={folder!r}): they name different models"
         )
     recorded = (manifest or {}).get("model_name")
-    if builtin is None and recorded and name != recorded:
+    if builtin is None and name and recorded and name != recorded:
         raise ValueError(
             f"MODEL.SPADE.CLIP.MODEL_NAME={name!r} but {folder}/spade_manifest.json records "
             f"model_name {recorded!r} ({key}={folder!r})"

@@ -1,0 +1,160 @@
+"""Tiny text-to-image UNet: a diffusers ``UNet2DConditionModel`` trained as Stable Diffusion is.
+
+Conditioning is SD 1.5's: the per-token hidden states of the frozen CLIP text tower after its final
+LayerNorm (``encode_text_tokens``, [B, 77, W]) feed every cross-attention layer; the frozen tiny VAE
+gives the latents (posterior mean times its scaling factor); the target is the noise (epsilon
+prediction) at a uniform timestep of SD's scaled-linear schedule (beta 0.00085 -> 0.012, 1000
+steps); ``CAPTION_DROPOUT`` of the captions are empty, for classifier-free guidance.
+
+Latents of the corpus are cached in a memory-mapped file as they are first computed
+(:class:`LatentCache`), so the VAE encoder runs once per image across epochs and resumes.
+
+One concession to the CPU, documented in the config: the finest level keeps its cross-attention
+but replaces the self-attention by a second cross-attention (diffusers' ``only_cross_attention``
+for that level), since self-attention over 32 x 32 tokens costs most of an iteration there.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterator, List
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from torch import nn
+
+from spade.modeling.backbone.loading import (
+    ClipParts,
+    encode_text_tokens,
+    sd_scheduler,
+)
+
+from .corpus import Corpus
+from .vae import to_vae_input
+
+__all__ = ["unet_config", "UnetPretrainModel", "LatentCache", "unet_batches"]
+
+
+def unet_config(cfg, cross_attention_dim: int, latent_channels: int, sample_size: int) -> dict:
+    """UNet2DConditionModel kwargs from PRETRAIN.UNET (SD 1.5's block layout, shrunk)."""
+    u = cfg.PRETRAIN.UNET
+    channels = tuple(int(c) for c in u.BLOCK_OUT_CHANNELS)
+    levels = tuple(bool(v) for v in u.CROSS_ATTENTION_LEVELS)
+    if len(levels) != len(channels):
+        raise ValueError(
+            "PRETRAIN.UNET.CROSS_ATTENTION_LEVELS needs one entry per BLOCK_OUT_CHANNELS level"
+        )
+    only_cross = tuple(bool(v) for v in u.ONLY_CROSS_ATTENTION_LEVELS) or (False,) * len(levels)
+    if len(only_cross) != len(levels):
+        raise ValueError("PRETRAIN.UNET.ONLY_CROSS_ATTENTION_LEVELS needs one entry per level")
+    return dict(
+        sample_size=int(sample_size),
+        in_channels=int(latent_channels),
+        out_channels=int(latent_channels),
+        down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in levels),
+        up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in levels[::-1]),
+        only_cross_attention=only_cross,
+        block_out_channels=channels,
+        layers_per_block=int(u.LAYERS_PER_BLOCK),
+        attention_head_dim=int(u.ATTENTION_HEAD_DIM),
+        cross_attention_dim=int(cross_attention_dim),
+        norm_num_groups=min(32, min(channels)),
+    )
+
+
+def training_scheduler() -> DDPMScheduler:
+    """DDPM with SD's training schedule (the same betas as :func:`sd_scheduler`)."""
+    return DDPMScheduler.from_config(sd_scheduler().config)
+
+
+class UnetPretrainModel(nn.Module):
+    """Trainable UNet + frozen text tower; ``forward(batch)`` returns ``{"loss_eps": ...}``.
+
+    batch: ``latents`` float [B, C, h, w] (scaled), ``captions`` list of B strings.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, clip: ClipParts, seed: int = 0):
+        super().__init__()
+        self.unet = unet
+        self.clip = clip  # frozen, not a registered module (not saved in checkpoints)
+        self.scheduler = training_scheduler()
+        self.seed = int(seed)
+        self._step = 0
+
+    def _apply(self, fn, recurse: bool = True):
+        self.clip.model._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, batch: Dict) -> Dict[str, torch.Tensor]:
+        latents = batch["latents"].to(self.unet.device, self.unet.dtype)
+        context = encode_text_tokens(self.clip, batch["captions"]).to(latents)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self._step)
+        self._step += 1
+        noise = torch.randn(latents.shape, generator=g).to(latents)
+        t = torch.randint(
+            0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g
+        )
+        noisy = self.scheduler.add_noise(latents, noise, t.to(latents.device))
+        pred = self.unet(noisy, t.to(latents.device), encoder_hidden_states=context).sample
+        return {"loss_eps": F.mse_loss(pred.float(), noise.float())}
+
+
+class LatentCache:
+    """Scaled VAE posterior means of every corpus image, computed on first use (memory-mapped).
+
+    Files: ``<path>`` float16 [N, C, h, w] and ``<path>.done`` uint8 [N]. A cache made with
+    another VAE (its scaling factor or latent shape differ) is rebuilt.
+    """
+
+    def __init__(self, path: str, vae, latent_scale: float, num_images: int, image_size: int):
+        self.vae, self.scale = vae, float(latent_scale)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        shape = (
+            num_images,
+            int(vae.config.latent_channels),
+            image_size // factor,
+            image_size // factor,
+        )
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        meta = f"{path}.meta"
+        key = f"{shape} {self.scale!r}"
+        fresh = not (os.path.isfile(path) and os.path.isfile(meta) and open(meta).read() == key)
+        mode = "w+" if fresh else "r+"
+        self.latents = np.lib.format.open_memmap(path, mode=mode, dtype=np.float16, shape=shape)
+        self.done = np.lib.format.open_memmap(
+            f"{path}.done", mode=mode, dtype=np.uint8, shape=shape[:1]
+        )
+        if fresh:
+            self.done[:] = 0
+            self.done.flush()
+            with open(meta, "w") as f:
+                f.write(key)
+
+    @torch.no_grad()
+    def get(self, corpus: Corpus, indices: List[int]) -> torch.Tensor:
+        todo = [i for i in indices if not self.done[i]]
+        if todo:
+            x = to_vae_input(np.stack([corpus.image(i) for i in todo]))
+            p = next(self.vae.parameters())
+            lat = self.vae.encode(x.to(p)).latent_dist.mean * self.scale
+            self.latents[todo] = lat.float().cpu().numpy().astype(np.float16)
+            self.done[todo] = 1
+        return torch.from_numpy(np.stack([self.latents[i] for i in indices]).astype(np.float32))
+
+
+def unet_batches(
+    corpus: Corpus, cache: LatentCache, batch_size: int, caption_dropout: float, seed: int
+) -> Iterator[Dict]:
+    """Endless seeded batches of (scaled latents, caption or "" with prob caption_dropout)."""
+    stream = corpus.iter_indices(seed)
+    step = 0
+    while True:
+        rng = np.random.default_rng([seed, step, 13])
+        picks = [next(stream) for _ in range(batch_size)]
+        captions = [
+            "" if rng.random() < caption_dropout else corpus.caption(i, epoch) for i, epoch in picks
+        ]
+        yield {"latents": cache.get(corpus, [i for i, _ in picks]), "captions": captions}
+        step += 1

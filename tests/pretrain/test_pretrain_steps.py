@@ -1,0 +1,115 @@
+"""Each stage-0 task trains, resumes, exports its standard format and loads through the loaders
+the SD-1.5 / ViT-L-14 configs use; bad weight folders are clear errors."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from pretrain_helpers import tiny_cfg
+
+from spade.config import add_spade_config
+from spade.modeling.backbone.loading import build_clip, build_diffusion_parts, encode_text_tokens
+from spade.pretrain import add_pretrain_config, run_pretraining
+from spade.pretrain.manifest import read_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CFG = {
+    t: os.path.join(ROOT, "configs", "pretrain", f"{t}_tiny.yaml") for t in ("clip", "vae", "unet")
+}
+
+
+def _spade_cfg(root, clip_name="SynthPSG-Tiny-CLIP"):
+    cfg = get_cfg()
+    add_spade_config(cfg)
+    cfg.MODEL.SPADE.PRESET = "PRETRAINED"
+    cfg.MODEL.SPADE.DIFFUSION.PRETRAINED = str(root / "sd")
+    cfg.MODEL.SPADE.CLIP.MODEL_NAME = clip_name
+    cfg.MODEL.SPADE.CLIP.PRETRAINED = str(root / "clip")
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(stage0_root):
+    for task in ("clip", "vae", "unet"):
+        cfg, args = tiny_cfg(CFG[task], stage0_root, task, max_iter=2)
+        run_pretraining(cfg, args)
+    return stage0_root
+
+
+def test_every_config_merges():
+    for path in CFG.values():
+        cfg = get_cfg()
+        add_pretrain_config(cfg)
+        cfg.merge_from_file(path)
+        assert cfg.PRETRAIN.TASK in ("clip", "vae", "unet")
+
+
+def test_exports_have_the_real_formats_and_manifests(trained):
+    clip_dir, sd = trained / "clip", trained / "sd"
+    assert sorted(os.listdir(clip_dir)) == [
+        "open_clip_config.json",
+        "open_clip_model.safetensors",
+        "spade_manifest.json",
+    ]
+    for sub in ("vae", "unet"):
+        assert {"config.json", "diffusion_pytorch_model.safetensors"} <= set(os.listdir(sd / sub))
+    assert json.load(open(sd / "scheduler" / "scheduler_config.json"))["beta_schedule"] == (
+        "scaled_linear"
+    )
+    index = json.load(open(sd / "model_index.json"))
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    manifest = read_manifest(str(sd / "unet"))
+    assert manifest["iterations"] == 2 and manifest["task"] == "unet"
+    assert manifest["corpus"]["generator_seed"] == 1_000_000
+    assert read_manifest(str(clip_dir))["model_name"] == "SynthPSG-Tiny-CLIP"
+
+
+def test_exports_load_through_the_standard_loaders(trained):
+    cfg = _spade_cfg(trained)
+    clip = build_clip(cfg)
+    diffusion = build_diffusion_parts(cfg)
+    states = encode_text_tokens(clip, ["a red circle is left of a blue square"])
+    assert states.shape == (1, 77, 32) and diffusion.unet.config.cross_attention_dim == 32
+    vae_manifest = read_manifest(str(trained / "sd" / "vae"))
+    assert diffusion.latent_scale == pytest.approx(vae_manifest["latent_scale"])
+    assert diffusion.latent_scale != pytest.approx(1.0)
+    latent = torch.zeros(1, 4, 16, 16)
+    t = torch.tensor([10])
+    assert diffusion.unet(latent, t, encoder_hidden_states=states).sample.shape == latent.shape
+
+
+def test_resume_continues_from_the_last_checkpoint(trained):
+    cfg, args = tiny_cfg(CFG["vae"], trained, "vae", max_iter=3, resume=True)
+    run_pretraining(cfg, args)
+    manifest = read_manifest(str(trained / "sd" / "vae"))
+    assert manifest["iterations"] == 3
+    log = [json.loads(line) for line in open(trained / "out_vae" / "metrics.json")]
+    assert [row["iteration"] for row in log if "total_loss" in row][-1] == 2
+
+
+def test_clip_name_mismatch_is_an_error(trained):
+    with pytest.raises(ValueError, match="MODEL.SPADE.CLIP.MODEL_NAME='Other'.*records"):
+        build_clip(_spade_cfg(trained, clip_name="Other"))
+    with pytest.raises(ValueError, match="is an open_clip model whose config differs"):
+        build_clip(_spade_cfg(trained, clip_name="ViT-L-14"))
+
+
+def test_corrupt_or_missing_weights_are_errors_naming_file_and_key(trained, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(trained / "sd", copy / "sd")
+    shutil.copytree(trained / "clip", copy / "clip")
+    weights = copy / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"MODEL.SPADE.DIFFUSION.PRETRAINED: .*unet.*corrupt"):
+        build_diffusion_parts(_spade_cfg(copy))
+    os.remove(copy / "clip" / "open_clip_model.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"MODEL.SPADE.CLIP.PRETRAINED: .*missing"):
+        build_clip(_spade_cfg(copy))
+    os.remove(copy / "clip" / "open_clip_config.json")
+    with pytest.raises(FileNotFoundError, match="without open_clip_config.json"):
+        build_clip(_spade_cfg(copy))
