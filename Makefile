@@ -9,7 +9,7 @@ DEMO_OUT ?= output/demo
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo lint test bench clean
+.PHONY: install demo lint test bench clean pretrain
 
 install: $(STAMP)
 
@@ -25,6 +25,19 @@ $(STAMP): setup.py requirements.txt tools/install_detectron2.sh
 
 demo: install
 	$(PY) tools/run_demo.py --output $(DEMO_OUT) $(DEMO_ARGS)
+
+# Stage 0: reproduce every shipped foundation model (models/, see MODEL_ZOO.md) from scratch.
+# CLIP and VAE are independent and train side by side (one core each); the UNet needs both.
+# Each run resumes where an interrupted one stopped (--resume); a GPU is used when present.
+PRETRAIN_ARGS ?= --resume
+PRETRAIN_NET := $(PY) projects/SPADE/pretrain_net.py
+pretrain: install
+	mkdir -p output; OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/clip_tiny.yaml \
+		$(PRETRAIN_ARGS) > output/pretrain-clip.log 2>&1 & clip=$$!; \
+	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_ARGS); \
+	vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
+	test $$vae -eq 0
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS)
 
 # Formatter and linter (ruff.toml: 100 columns, pyflakes, pycodestyle, isort).
 lint: install

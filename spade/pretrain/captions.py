@@ -82,15 +82,22 @@ def size_word(radius: float, image_size: int) -> str:
 
 
 def describe_thing(
-    scene: Scene, k: int, rng: np.random.Generator, synonym_prob: float, article: str = "a"
+    scene: Scene,
+    k: int,
+    rng: np.random.Generator,
+    synonym_prob: float,
+    article: str = "a",
+    colour_drop: float = 0.0,
 ) -> str:
-    """ "a large red circle": article, size (when not medium), colour and shape of thing ``k``."""
+    """ "a large red circle": article, size (when not medium), colour and shape of thing ``k``;
+    size and colour are left out with probability ``colour_drop`` ("a circle")."""
     shape = THING_CLASSES[scene.thing_classes[k]]
-    size = size_word(scene.thing_radii[k], scene.image_size)
+    plain = colour_drop > 0 and rng.random() < colour_drop
+    size = "" if plain else size_word(scene.thing_radii[k], scene.image_size)
     words = [
         article,
         size,
-        scene.thing_colours[k],
+        "" if plain else scene.thing_colours[k],
         _pick(rng, shape, SHAPE_SYNONYMS[shape], synonym_prob),
     ]
     text = " ".join(w for w in words if w)

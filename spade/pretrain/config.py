@@ -32,7 +32,7 @@ def add_pretrain_config(cfg: CN) -> None:
     p.CLIP = CN()
     p.CLIP.NAME = "SynthPSG-Tiny-CLIP"  # in the manifest; SPADE configs give it as CLIP.MODEL_NAME
     p.CLIP.EMBED_DIM = 64  # joint image-text embedding dim
-    p.CLIP.IMAGE_SIZE = 64  # vision input side
+    p.CLIP.IMAGE_SIZE = 96  # vision input side
     p.CLIP.PATCH_SIZE = 8  # vision patch side (IMAGE_SIZE / PATCH_SIZE tokens a side)
     p.CLIP.VISION_WIDTH = 96  # vision transformer width
     p.CLIP.VISION_LAYERS = 4  # vision transformer layers
@@ -40,7 +40,7 @@ def add_pretrain_config(cfg: CN) -> None:
     p.CLIP.TEXT_WIDTH = 64  # text transformer width (= the UNet's cross_attention_dim)
     p.CLIP.TEXT_LAYERS = 4  # text transformer layers
     p.CLIP.HEAD_WIDTH = 32  # width of one attention head in both towers
-    p.CLIP.CROP_PROB = 0.3  # share of samples that are a crop around one thing + its caption
+    p.CLIP.CROP_PROB = 0.4  # share of samples that are a crop around one thing + its caption
 
     # ------------------------------------------------------------ tiny VAE (AutoencoderKL)
     p.VAE = CN()

@@ -113,3 +113,16 @@ def test_corrupt_or_missing_weights_are_errors_naming_file_and_key(trained, tmp_
     os.remove(copy / "clip" / "open_clip_config.json")
     with pytest.raises(FileNotFoundError, match="without open_clip_config.json"):
         build_clip(_spade_cfg(copy))
+
+
+def test_teacher_text_is_padded_with_the_end_of_text_token_as_sd():
+    cfg = get_cfg()
+    add_spade_config(cfg)  # the random TINY CLIP: only the tokenizer matters here
+    from spade.modeling.backbone.loading import sd_tokenize
+
+    clip = build_clip(cfg)
+    tokens = sd_tokenize(clip, ["circle is left of square"])[0]
+    assert tokens[0] == 49406  # start of text
+    words = clip.tokenizer.encode("circle is left of square")
+    assert tokens[1 : 1 + len(words)].tolist() == words
+    assert (tokens[1 + len(words) :] == 49407).all()  # end of text, then its padding

@@ -29,7 +29,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import open_clip
 import torch
@@ -50,8 +50,8 @@ __all__ = [
     "load_clip_folder",
     "check_text_conditioning",
     "tokenize",
+    "sd_tokenize",
     "encode_text_tokens",
-    "phrase_token_positions",
     "clip_preprocess",
     "num_unet_downsamples",
     "vae_downsample_factor",
@@ -400,39 +400,37 @@ def tokenize(clip_parts: ClipParts, texts: Sequence[str]) -> torch.Tensor:
     return clip_parts.tokenizer(list(texts)).to(device)
 
 
+def sd_tokenize(clip_parts: ClipParts, texts: Sequence[str]) -> torch.Tensor:
+    """Tokens [N, L] padded as SD 1.5's tokenizer pads: end-of-text from the first one onwards.
+
+    open_clip's tokenizer pads with id 0; SD 1.5's CLIPTokenizer pads with ``<|endoftext|>``, and
+    the UNet was trained on the text states of that padding. Tokenizers without an
+    ``eot_token_id`` are left as they are.
+    """
+    tokens = tokenize(clip_parts, texts)
+    eot = getattr(clip_parts.tokenizer, "eot_token_id", None)
+    if eot is None:
+        return tokens
+    after_eot = (tokens == int(eot)).long().cumsum(dim=-1) > 0
+    return torch.where(after_eot, torch.full_like(tokens, int(eot)), tokens)
+
+
 def encode_text_tokens(clip_parts: ClipParts, texts: Sequence[str]) -> torch.Tensor:
     """Per-token hidden states of CLIP's text tower after ``ln_final``: [N, L, W].
 
     This is what SD 1.5's text encoder (OpenAI CLIP ViT-L/14's text tower) gives the UNet as
-    ``encoder_hidden_states``, so it serves as the teacher's text encoder. Runs without grad.
+    ``encoder_hidden_states``, so it serves as the teacher's text encoder (and conditions the
+    project's own tiny UNet in pretraining). As SD 1.5's tokenizer does, the positions after the
+    end-of-text token are padded with the end-of-text token (open_clip pads with 0): see
+    :func:`sd_tokenize`. Runs without grad.
     """
     model = clip_parts.model
-    tokens = tokenize(clip_parts, texts)
+    tokens = sd_tokenize(clip_parts, texts)
     with torch.no_grad():
         out = model.forward_intermediates(text=tokens, text_indices=1, intermediates_only=True)
         # the last block's output, before ln_final
         hidden = model.ln_final(out["text_intermediates"][-1])
     return hidden
-
-
-def phrase_token_positions(clip_parts: ClipParts, prompt: str, phrase: str) -> List[int]:
-    """Positions in ``tokenize([prompt])[0]`` of the BPE tokens of ``phrase`` (first occurrence).
-
-    Position 0 is the start-of-text token. Raises ValueError when ``phrase`` is not in ``prompt``
-    (or was cut off by the context length).
-    """
-    tok = clip_parts.tokenizer
-    if not hasattr(tok, "encode"):
-        raise TypeError(f"tokenizer {type(tok).__name__} has no encode(); cannot locate phrases")
-    prompt_ids = tok.encode(prompt)
-    phrase_ids = tok.encode(phrase)
-    limit = _CLIP_CONTEXT_LENGTH - 2
-    for start in range(0, len(prompt_ids) - len(phrase_ids) + 1):
-        if phrase_ids and prompt_ids[start : start + len(phrase_ids)] == phrase_ids:
-            if start + len(phrase_ids) > limit:
-                break
-            return [1 + start + i for i in range(len(phrase_ids))]
-    raise ValueError(f"phrase {phrase!r} not found in the tokens of prompt {prompt!r}")
 
 
 def clip_preprocess(images: torch.Tensor, clip_parts: ClipParts) -> torch.Tensor:
