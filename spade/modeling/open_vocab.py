@@ -15,7 +15,7 @@ inference (OPEN_VOCAB.CLASS_NAMES / PREDICATE_NAMES) without retraining.
 """
 
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,7 @@ __all__ = [
     "TextEmbeddingBank",
     "CosineClassifier",
     "build_text_banks",
-    "vocabulary_names",
     "prompt_name",
-    "novel_class_mask",
     "mask_pool",
     "joint_mask_pool",
     "geometric_fusion",
@@ -121,22 +119,6 @@ def build_text_banks(cfg, clip_parts: ClipParts) -> Tuple[TextEmbeddingBank, Tex
     )
 
 
-def vocabulary_names(cfg, metadata) -> Tuple[List[str], List[str]]:
-    """(class names, predicate names): the OPEN_VOCAB overrides when set, else the dataset's."""
-    ov = cfg.MODEL.SPADE.OPEN_VOCAB
-    classes = list(ov.CLASS_NAMES) or (
-        list(metadata.get("thing_classes", [])) + list(metadata.get("stuff_classes", []))
-    )
-    predicates = list(ov.PREDICATE_NAMES) or list(metadata.get("predicate_classes", []))
-    return classes, predicates
-
-
-def novel_class_mask(names: Sequence[str], novel_names: Sequence[str]) -> torch.Tensor:
-    """bool [N]: True where ``names[i]`` is in ``novel_names`` (e.g. metadata ov_split)."""
-    novel = set(novel_names)
-    return torch.tensor([n in novel for n in names], dtype=torch.bool)
-
-
 class CosineClassifier(nn.Module):
     """Cosine-similarity classifier against text embeddings, with a learned background embedding.
 
@@ -144,7 +126,7 @@ class CosineClassifier(nn.Module):
     (initialised to ``logit_scale_init``, clamped at log 100 as in CLIP).
     """
 
-    def __init__(self, dim: int, logit_scale_init: float = 2.659):
+    def __init__(self, dim: int, logit_scale_init: float):
         super().__init__()
         if dim <= 0:
             raise ValueError(f"CosineClassifier: dim must be positive, got {dim}")

@@ -102,11 +102,12 @@ def test_criterion_weights_and_switch():
     rows = [torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]), torch.zeros(0, 3)]
     sel = torch.tensor([[[0.0, 2.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], requires_grad=True)
     positives = [torch.tensor([[0, 1]]), torch.zeros(0, 2, dtype=torch.long)]
-    crit = RelationCriterion(rel_weight=2.0, rqc_weight=0.5, no_relation_weight=0.1)
+    weights = dict(rel_weight=2.0, rqc_weight=0.5, no_relation_weight=0.1)
+    crit = RelationCriterion(**weights, use_rqc_loss=True)
     losses = crit(logits, rows, sel, positives)
     assert losses["loss_rel"].item() == pytest.approx(2 * math.log(3), rel=1e-6)
     assert losses["loss_rqc"].item() == pytest.approx(0.5 * math.log(1 + math.exp(-2)), rel=1e-6)
     sum(losses.values()).backward()
     assert sel.grad is not None and logits[0].grad is not None
-    off = RelationCriterion(use_rqc_loss=False)(logits, rows, sel, positives)
+    off = RelationCriterion(**weights, use_rqc_loss=False)(logits, rows, sel, positives)
     assert set(off) == {"loss_rel"}

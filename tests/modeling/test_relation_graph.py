@@ -26,10 +26,12 @@ TOUCHING_AND_DISTANT = [(0, 0, 8, 8), (8, 0, 16, 8), (24, 24, 32, 32)]
 ORTHOGONAL = torch.eye(3)[None]  # [1, 3, 3] cosine 0 between all queries
 
 
+# Every graph argument is required (RELATION.* holds the defaults); the tests pass them all.
+GRAPH = dict(mode="fixed", eta=0.65, adjacency_distance=1, resolution=32, knn=1)
+
+
 def _graph(logits, feats, **kw):
-    args = dict(mode="fixed", eta=0.65, adjacency_distance=1, resolution=32, knn=1)
-    args.update(kw)
-    return build_spatial_semantic_graph(logits, feats, **args)[0].int().tolist()
+    return build_spatial_semantic_graph(logits, feats, **{**GRAPH, **kw})[0].int().tolist()
 
 
 def test_touching_masks_are_neighbours_and_distant_ones_are_not():
@@ -93,7 +95,9 @@ def test_random_batch_graph_is_symmetric_without_self_loops():
     logits = torch.randn(2, 6, 20, 20, generator=gen) * 3
     feats = torch.randn(2, 6, 8, generator=gen)
     for mode in ("fixed", "knn"):
-        g = build_spatial_semantic_graph(logits, feats, mode=mode, resolution=16, knn=2)
+        g = build_spatial_semantic_graph(
+            logits, feats, **{**GRAPH, "mode": mode, "resolution": 16, "knn": 2}
+        )
         assert g.dtype == torch.bool and g.shape == (2, 6, 6)
         assert torch.equal(g, g.transpose(1, 2))
         assert not g.diagonal(dim1=1, dim2=2).any()
@@ -103,12 +107,12 @@ def test_random_batch_graph_is_symmetric_without_self_loops():
 def test_bad_inputs_raise():
     logits = _box_logits(TOUCHING_AND_DISTANT)
     with pytest.raises(ValueError, match="GRAPH_MODE"):
-        build_spatial_semantic_graph(logits, ORTHOGONAL, mode="radius")
+        build_spatial_semantic_graph(logits, ORTHOGONAL, **{**GRAPH, "mode": "radius"})
     with pytest.raises(ValueError, match="disagree"):
-        build_spatial_semantic_graph(logits, torch.eye(4)[None])
+        build_spatial_semantic_graph(logits, torch.eye(4)[None], **GRAPH)
     with pytest.raises(ValueError, match="ADJACENCY_DISTANCE"):
-        build_spatial_semantic_graph(logits, ORTHOGONAL, adjacency_distance=-1)
+        build_spatial_semantic_graph(logits, ORTHOGONAL, **{**GRAPH, "adjacency_distance": -1})
     with pytest.raises(ValueError, match="KNN"):
-        build_spatial_semantic_graph(logits, ORTHOGONAL, mode="knn", knn=0)
+        build_spatial_semantic_graph(logits, ORTHOGONAL, **{**GRAPH, "mode": "knn", "knn": 0})
     with pytest.raises(ValueError, match="mask_logits"):
         binary_masks_at(logits[0], 32)

@@ -51,7 +51,9 @@ class SPADE(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int,
-        mask_loss_weight: float = 1.0,
+        mask_loss_weight: float,
+        fusion_alpha: float,
+        fusion_beta: float,
         object_mask_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
         max_relations: int = 100,
@@ -60,8 +62,6 @@ class SPADE(nn.Module):
         predicate_text_bank: Optional[TextEmbeddingBank] = None,
         use_clip_branch: bool = False,
         relation_clip_branch: bool = False,
-        fusion_alpha: float = 0.34,
-        fusion_beta: float = 0.34,
     ):
         """
         Args:
@@ -74,6 +74,8 @@ class SPADE(nn.Module):
             pixel_mean, pixel_std: input normalisation (per channel, in the input format).
             size_divisibility: images are padded to a multiple of this.
             mask_loss_weight: lambda_mask, scales every panoptic loss.
+            fusion_alpha / fusion_beta: alpha / beta, geometric fusion weights of seen / novel
+                classes (OPEN_VOCAB.FUSION_ALPHA / _BETA).
             object_mask_threshold, overlap_threshold: panoptic inference thresholds.
             max_relations: ranked triplets kept per image.
             relation_head: optional head called as docs/INTERFACES.md says.
@@ -81,7 +83,6 @@ class SPADE(nn.Module):
                 (open vocabulary only).
             use_clip_branch: fuse the CLIP mask-pooled class probabilities at inference.
             relation_clip_branch: hand the CLIP dense features to the relation head at inference.
-            fusion_alpha / fusion_beta: geometric fusion weights of seen / novel classes.
         """
         super().__init__()
         self.backbone = backbone

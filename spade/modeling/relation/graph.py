@@ -124,11 +124,11 @@ def build_spatial_semantic_graph(
     mask_logits: Tensor,
     query_features: Tensor,
     *,
-    mode: str = "fixed",
-    eta: float = 0.65,
-    adjacency_distance: int = 2,
-    resolution: int = 32,
-    knn: int = 4,
+    mode: str,
+    eta: float,
+    adjacency_distance: int,
+    resolution: int,
+    knn: int,
 ) -> Tensor:
     """The spatial-semantic graph G of SPADE's RGT.
 
@@ -136,7 +136,7 @@ def build_spatial_semantic_graph(
         mask_logits: [B, Q, h, w] predicted mask logits.
         query_features: [B, Q, C] query embeddings (for the cosine term).
         mode: "fixed" (mask adjacency OR cosine > eta) or "knn" (see module docstring).
-        eta: cosine threshold of the fixed graph.
+        eta: cosine threshold of the fixed graph (RELATION.ETA, where its default lives).
         adjacency_distance: pixels (at ``resolution``) within which masks are adjacent.
         resolution: side of the downsampled masks.
         knn: k of the adaptive graph.

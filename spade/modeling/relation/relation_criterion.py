@@ -160,11 +160,13 @@ class RelationCriterion(nn.Module):
     def __init__(
         self,
         *,
-        rel_weight: float = 1.0,
-        rqc_weight: float = 0.6,
-        no_relation_weight: float = 0.1,
-        use_rqc_loss: bool = True,
+        rel_weight: float,
+        rqc_weight: float,
+        no_relation_weight: float,
+        use_rqc_loss: bool,
     ):
+        """Weights come from ``MODEL.SPADE.RELATION`` (REL_WEIGHT, RQC_WEIGHT = lambda_rqc,
+        NO_RELATION_WEIGHT, USE_RQC_LOSS), where their defaults live."""
         super().__init__()
         self.rel_weight = rel_weight
         self.rqc_weight = rqc_weight
