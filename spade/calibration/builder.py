@@ -24,6 +24,7 @@ from spade.modeling.backbone import (
     build_clip,
     build_diffusion_parts,
     build_implicit_text_encoder,
+    check_text_conditioning,
     clip_preprocess,
     encode_text_tokens,
     load_trainable_state_dict,
@@ -49,11 +50,13 @@ def build_calibration_parts(cfg) -> Dict:
 
     Builds the frozen VAE / UNet / CLIP (MODEL.SPADE.DIFFUSION, .CLIP), injects LoRA into attn2
     (MODEL.SPADE.LORA; ENABLED False unfreezes the attn2 projections instead), builds the
-    implicit text encoder and the teacher generator (LoRA disabled while it runs).
+    implicit text encoder and the teacher generator (LoRA disabled while it runs). A UNet whose
+    cross_attention_dim differs from CLIP's text width is a ValueError naming both config nodes.
     """
     c = cfg.CALIBRATION
     diffusion = build_diffusion_parts(cfg)
     clip = build_clip(cfg)
+    check_text_conditioning(diffusion, clip)  # the teacher UNet reads CLIP's token states
     unet = diffusion.unet
     apply_lora(unet, cfg.MODEL.SPADE.LORA, seed=int(cfg.MODEL.SPADE.LORA.SEED))
     implicit = build_implicit_text_encoder(

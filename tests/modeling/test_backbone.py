@@ -62,6 +62,16 @@ def test_bad_inputs_are_rejected(make_cfg):
         _backbone(make_cfg, **{"DIFFUSION.TIMESTEP": 1000})
 
 
+def test_text_width_mismatch_is_a_clear_error(make_cfg, monkeypatch):
+    """The calibrated UNet must still match the CLIP whose text conditioned it in stage 1."""
+    import spade.modeling.backbone.diffusion_backbone as module
+
+    wide = make_cfg(**{"CLIP.TINY.WIDTH": 48})  # as a CLIP folder of another width would load
+    monkeypatch.setattr(module, "build_clip", lambda _cfg: build_clip(wide))
+    with pytest.raises(ValueError, match=r"cross_attention_dim \(32\).*\(48\).*MODEL.SPADE.CLIP"):
+        _backbone(make_cfg)
+
+
 def test_noised_features_are_deterministic(make_cfg):
     noisy = _backbone(make_cfg, **{"DIFFUSION.TIMESTEP": 200}).eval()
     clean = _backbone(make_cfg).eval()

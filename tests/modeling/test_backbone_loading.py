@@ -14,7 +14,6 @@ from spade.modeling.backbone.loading import (
     clip_preprocess,
     encode_text_tokens,
     num_unet_downsamples,
-    phrase_token_positions,
     tokenize,
     vae_downsample_factor,
 )
@@ -167,15 +166,6 @@ def test_text_token_states(tiny_clip):
     assert states.mean(-1).abs().max() < 1e-4
     with pytest.raises(TypeError):
         tokenize(tiny_clip, "a single string")
-
-
-def test_phrase_token_positions(tiny_clip):
-    prompt = "circle is left of red square"
-    assert phrase_token_positions(tiny_clip, prompt, "circle") == [1]
-    assert phrase_token_positions(tiny_clip, prompt, "left of") == [3, 4]
-    assert phrase_token_positions(tiny_clip, prompt, "red square") == [5, 6]
-    with pytest.raises(ValueError, match="triangle"):
-        phrase_token_positions(tiny_clip, prompt, "triangle")
 
 
 def test_clip_preprocess_values(tiny_clip):

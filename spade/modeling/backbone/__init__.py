@@ -14,7 +14,6 @@ from .loading import (
     check_text_conditioning,
     clip_preprocess,
     encode_text_tokens,
-    phrase_token_positions,
     tokenize,
 )
 from .lora import (
@@ -46,7 +45,6 @@ __all__ = [
     "load_trainable_state_dict",
     "lora_disabled",
     "merge_lora",
-    "phrase_token_positions",
     "save_trainable_state_dict",
     "tokenize",
     "trainable_state_dict",

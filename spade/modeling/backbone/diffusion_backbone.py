@@ -35,6 +35,7 @@ from .loading import (
     DiffusionParts,
     build_clip,
     build_diffusion_parts,
+    check_text_conditioning,
     clip_preprocess,
     num_unet_downsamples,
     vae_downsample_factor,
@@ -187,6 +188,8 @@ class DiffusionBackbone(Backbone):
         d = cfg.MODEL.SPADE.DIFFUSION
         diffusion = build_diffusion_parts(cfg)
         clip = build_clip(cfg)
+        # stage 1 calibrated this UNet under CLIP text conditioning: the pair must still match
+        check_text_conditioning(diffusion, clip)
         implicit = build_implicit_text_encoder(
             cfg,
             clip,
