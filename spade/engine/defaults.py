@@ -3,7 +3,8 @@
 - :func:`setup_cfg`: get_cfg + add_spade_config + the YAML + command-line opts, CPU fallback when
   no GPU exists, detectron2's default_setup (logger, config backup, seeds).
 - :func:`prepare_datasets`: generates SynthPSG when a config names it and its folder is empty
-  (main process only; the others wait), and registers it at the configured root.
+  (main process only; the others wait), and registers it at the configured root; registers the
+  dataset of ``DATASETS.CUSTOM`` (your own PSG-format data) in every process.
 - :func:`run_training`: the usual detectron2 ``--eval-only`` / ``--resume`` / train flow.
 - :func:`argument_parser` / :func:`run_cli`: detectron2's parser plus ``--debug``; bad input
   (a missing or malformed file, an unknown config key, a bad value) ends the command with one
@@ -109,9 +110,12 @@ def run_cli(fn, args, prog: str = ""):
 
 
 def prepare_datasets(cfg: CfgNode) -> None:
-    """Generate (main process only; others wait) and register SynthPSG when the config uses it."""
+    """Generate (main process only; others wait) and register SynthPSG when the config uses it;
+    register the ``DATASETS.CUSTOM`` dataset when the config names one."""
     from spade.data.build import prepare_synthpsg
+    from spade.data.datasets.custom import register_custom_dataset
 
+    register_custom_dataset(cfg)
     if comm.is_main_process():
         prepare_synthpsg(cfg)
     comm.synchronize()

@@ -46,9 +46,12 @@ def standard_record(image_id, relations, ids=(1, 2, 300)):
     }
 
 
-def write_dataset(root, records, test_ids, val_ids=None, classes=None):
+def write_dataset(
+    root, records, test_ids, val_ids=None, classes=None, image_root=None, seg_root=None
+):
     """Write psg.json plus matching image / panoptic PNGs for ``standard_record`` records;
-    ``classes`` overrides the class lists (default THINGS / STUFF / PREDICATES)."""
+    ``classes`` overrides the class lists (default THINGS / STUFF / PREDICATES). Images and PNGs go
+    under ``image_root`` / ``seg_root`` (default ``root``), psg.json under ``root``."""
     classes = classes or {
         "thing_classes": THINGS,
         "stuff_classes": STUFF,
@@ -63,8 +66,8 @@ def write_dataset(root, records, test_ids, val_ids=None, classes=None):
         ids[:8, :8], ids[:8, 16:], ids[8:, :] = segs[0]["id"], segs[1]["id"], segs[2]["id"]
         colours = np.zeros((16, 24, 3), dtype=np.uint8)
         colours[:8, :8], colours[:8, 16:], colours[8:] = (255, 0, 0), (0, 0, 255), (0, 255, 0)
-        _write_png(os.path.join(root, rec["file_name"]), colours)
-        _write_png(os.path.join(root, rec["pan_seg_file_name"]), id_png(ids))
+        _write_png(os.path.join(image_root or root, rec["file_name"]), colours)
+        _write_png(os.path.join(seg_root or root, rec["pan_seg_file_name"]), id_png(ids))
     path = os.path.join(root, "psg.json")
     with open(path, "w") as f:
         json.dump(psg, f)
