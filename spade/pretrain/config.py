@@ -61,6 +61,7 @@ def add_pretrain_config(cfg: CN) -> None:
     p.UNET.ATTENTION_HEAD_DIM = 32  # channels per attention head
     p.UNET.CLIP = ""  # the pretrained tiny CLIP (open_clip folder): its text tower conditions
     p.UNET.VAE = ""  # the pretrained diffusers folder holding vae/
+    p.UNET.NUM_IMAGES = 0  # train on the first N corpus images (0 = all; each VAE-encoded once)
     p.UNET.CAPTION_DROPOUT = 0.1  # share of empty captions (classifier-free guidance)
     p.UNET.LATENT_CACHE = ""  # cache of the corpus's VAE latents ("" = OUTPUT_DIR/latents.npy)
 

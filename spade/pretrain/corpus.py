@@ -263,12 +263,14 @@ class Corpus:
         return crop, caption, (left, top, left + side, top + side)
 
     def iter_indices(
-        self, seed: int, rank: int = 0, world_size: int = 1
+        self, seed: int, rank: int = 0, world_size: int = 1, limit: int = 0
     ) -> Iterator[Tuple[int, int]]:
-        """Endless (image index, epoch) stream: a seeded permutation per epoch, sharded by rank."""
+        """Endless (image index, epoch) stream: a seeded permutation per epoch of the first
+        ``limit`` images (0 = all), sharded by rank."""
+        n = min(int(limit), len(self)) if limit else len(self)
         epoch = 0
         while True:
-            order = np.random.default_rng([seed, epoch]).permutation(len(self))
+            order = np.random.default_rng([seed, epoch]).permutation(n)
             for i in order[rank::world_size]:
                 yield int(i), epoch
             epoch += 1

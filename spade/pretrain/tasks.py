@@ -174,6 +174,7 @@ class UnetTask:
             int(cfg.SOLVER.IMS_PER_BATCH),
             float(cfg.PRETRAIN.UNET.CAPTION_DROPOUT),
             seed=int(cfg.SEED),
+            num_images=int(cfg.PRETRAIN.UNET.NUM_IMAGES),
         )
 
     def export(self, cfg, model, info: dict) -> str:

@@ -145,10 +145,16 @@ class LatentCache:
 
 
 def unet_batches(
-    corpus: Corpus, cache: LatentCache, batch_size: int, caption_dropout: float, seed: int
+    corpus: Corpus,
+    cache: LatentCache,
+    batch_size: int,
+    caption_dropout: float,
+    seed: int,
+    num_images: int = 0,
 ) -> Iterator[Dict]:
-    """Endless seeded batches of (scaled latents, caption or "" with prob caption_dropout)."""
-    stream = corpus.iter_indices(seed)
+    """Endless seeded batches of (scaled latents, caption or "" with prob caption_dropout) from
+    the first ``num_images`` corpus images (0 = all)."""
+    stream = corpus.iter_indices(seed, limit=num_images)
     step = 0
     while True:
         rng = np.random.default_rng([seed, step, 13])
