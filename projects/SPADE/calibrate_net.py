@@ -14,16 +14,17 @@ MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS; teacher/student map figures go to
 ``<OUTPUT_DIR>/visualization/``.
 """
 
+import functools
 import logging
 import os
 
-from detectron2.engine import launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from spade.calibration.trainer import CalibrationTrainer
 from spade.calibration.visualize import draw_dataset_examples
 from spade.engine.defaults import argument_parser, run_cli, setup_cfg
+from spade.engine.launch import launch_main
 
 logger = logging.getLogger("spade.calibration")
 
@@ -55,18 +56,8 @@ def main(args):
     return result
 
 
-def launch_main(args):
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
-
-
 if __name__ == "__main__":
     args = argument_parser(epilog=__doc__).parse_args()
     print("Command Line Args:", args)
-    run_cli(launch_main, args)  # bad input: one line on stderr, exit 2 (--debug: traceback)
+    # bad input in any process: one line on stderr, exit 2 (--debug: traceback)
+    run_cli(functools.partial(launch_main, main), args)

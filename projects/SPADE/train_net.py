@@ -12,16 +12,16 @@ The logic lives in tested modules (spade.engine, spade.data, spade.evaluation); 
 only picks SPADE's data loaders, evaluator and optimizer.
 """
 
+import functools
 import os
 import sys
-
-from detectron2.engine import launch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from spade.data.build import build_spade_test_loader, build_spade_train_loader  # noqa: E402
 from spade.engine import SPADETrainer, build_spade_optimizer  # noqa: E402
 from spade.engine.defaults import argument_parser, run_cli, run_training, setup_cfg  # noqa: E402
+from spade.engine.launch import launch_main  # noqa: E402
 from spade.evaluation.psg_evaluation import PSGEvaluator  # noqa: E402
 
 
@@ -50,18 +50,8 @@ def main(args):
     return run_training(Trainer, cfg, args)
 
 
-def launch_main(args):
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
-
-
 if __name__ == "__main__":
     args = argument_parser(epilog=__doc__).parse_args()
     print("Command Line Args:", args)
-    run_cli(launch_main, args)  # bad input: one line on stderr, exit 2 (--debug: traceback)
+    # bad input in any process: one line on stderr, exit 2 (--debug: traceback)
+    run_cli(functools.partial(launch_main, main), args)

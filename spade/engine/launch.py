@@ -1,0 +1,62 @@
+"""detectron2's ``launch`` for SPADE's entry points, with bad input reported as in one process.
+
+With ``--num-gpus N > 1`` (or several machines) detectron2.engine.launch runs ``main`` in spawned
+workers, and an exception there reaches the parent as torch's ``ProcessRaisedException`` carrying
+the worker's whole traceback. Here the worker turns a bad-input error (``BAD_INPUT_ERRORS`` of
+:mod:`spade.engine.defaults`) into a :class:`WorkerInputError` holding its one-line message, and
+:func:`launch_main` raises that error again in the parent, so ``run_cli`` ends the command with
+``<prog>: error: <message>`` and exit status 2 whatever the number of processes (``--debug``: the
+worker's traceback, as torch reports it).
+"""
+
+import re
+
+from detectron2.engine import launch
+from torch.multiprocessing import ProcessRaisedException
+
+from .defaults import BAD_INPUT_ERRORS, _one_line
+
+__all__ = ["WorkerInputError", "launch_main"]
+
+
+class WorkerInputError(ValueError):
+    """A bad-input error of a launched ``main``; the message is already one line."""
+
+
+class _OneLineInputErrors:
+    """``main`` wrapped for the workers: bad input becomes a :class:`WorkerInputError`."""
+
+    def __init__(self, main):
+        self.main = main
+
+    def __call__(self, args):
+        try:
+            return self.main(args)
+        except BAD_INPUT_ERRORS as e:
+            if getattr(args, "debug", False) or isinstance(e, WorkerInputError):
+                raise
+            raise WorkerInputError(_one_line(e)) from None
+
+
+# the last line of the worker traceback that torch hands to the parent
+_WORKER_LINE = re.compile(rf"^{re.escape(__name__)}\.WorkerInputError: (.*)$", re.MULTILINE)
+
+
+def launch_main(main, args):
+    """``main(args)`` through detectron2's launch with ``args.num_gpus`` processes per machine
+    (``args.num_machines``, ``args.machine_rank``, ``args.dist_url``); a bad input in any worker
+    is a :class:`WorkerInputError` (a ValueError) in this process, with the worker's message."""
+    try:
+        return launch(
+            _OneLineInputErrors(main),
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except ProcessRaisedException as e:
+        found = _WORKER_LINE.findall(str(e))
+        if not found:
+            raise
+        raise WorkerInputError(found[-1]) from None
