@@ -47,6 +47,8 @@ def _add_model_config(cfg: CN) -> None:
     s = cfg.MODEL.SPADE
     s.PRESET = "TINY"  # "TINY" (small random models from configs) or "PRETRAINED" (load weights)
     s.SIZE_DIVISIBILITY = 32  # input padding multiple for the whole model
+    s.ALLOW_PARTIAL_CHECKPOINT = False  # opt-in: load a MODEL.WEIGHTS lacking model keys (random)
+    s.ALLOW_UNTRAINED = False  # opt-in: --eval-only / demo / predictor without MODEL.WEIGHTS
 
     # ------------------------------------------------------------ diffusion UNet / VAE / scheduler
     s.DIFFUSION = CN()
@@ -60,6 +62,7 @@ def _add_model_config(cfg: CN) -> None:
     s.DIFFUSION.OUT_CHANNELS = 256  # channels of every projected output feature
     s.DIFFUSION.TRAIN_BACKBONE_PROJ = True  # the light projection convs train in stage 2
     s.DIFFUSION.CALIBRATED_WEIGHTS = ""  # stage-1 output (LoRA + adapter safetensors) to load
+    # ^ "" at --eval-only / demo: taken from the provenance record of MODEL.WEIGHTS
     s.DIFFUSION.TRAIN_LORA = False  # stage 2 also trains LoRA (grad through the UNet pass)
     s.DIFFUSION.TRAIN_ADAPTER = False  # stage 2 also trains the implicit-text MLP adapter
     # TINY preset shapes
@@ -92,7 +95,7 @@ def _add_model_config(cfg: CN) -> None:
 
     # ------------------------------------------------------------ LoRA on cross-attention
     s.LORA = CN()
-    s.LORA.ENABLED = True  # LoRA on attn2 (False = ablation: full fine-tuning of the UNet)
+    s.LORA.ENABLED = True  # LoRA on attn2 (False = ablation: stage 1 fine-tunes the whole UNet)
     s.LORA.RANK = 4  # r: rank of delta W = B x D
     s.LORA.ALPHA = 4  # LoRA scaling numerator (scale = LORA.ALPHA / r); not the fusion alpha
     s.LORA.TARGET_MODULES = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
@@ -192,7 +195,10 @@ def _add_model_config(cfg: CN) -> None:
 def _add_calibration_config(cfg: CN) -> None:
     cfg.CALIBRATION = CN()
     c = cfg.CALIBRATION
-    c.ENABLED = True  # False = ablation "no calibration" (stage 2 uses the pretrained UNet)
+    c.ENABLED = True  # False = ablation "no calibration": see the comment below
+    # ^ stage 2 then runs the pretrained UNet without LoRA, conditioned on the K implicit tokens
+    #   of the seeded, untrained MLP adapter (CLIP image features through a random MLP);
+    #   DIFFUSION.CALIBRATED_WEIGHTS must be empty and DIFFUSION.TRAIN_LORA False
     c.INVERSION = "belm"  # "belm" (exact) or "ddim" (ablation) inversion
     c.SAMPLER = "belm"  # "belm" (O-BELM) or "ddim" deterministic sampling of the teacher
     c.NOISE = "inversion"  # "inversion" or "random" (ablation: random noise instead of inversion)
@@ -203,6 +209,7 @@ def _add_calibration_config(cfg: CN) -> None:
     c.PROMPT_TEMPLATE = "{subject} is {predicate} {object}"  # teacher prompt per triplet
     c.MAX_TRIPLETS_PER_IMAGE = 8  # ground-truth triplets used per image
     c.LAMBDA = 1.0  # lambda of L_cal
+    c.STUDENT_MAPS = "prompt_tokens"  # A_i' from "prompt_tokens" or "implicit_tokens" (model.py)
     c.CACHE_DIR = ""  # teacher-map cache ("" = OUTPUT_DIR/teacher_maps)
     c.IMAGE_SIZE = 256  # images are resized to this square side for stage 1
     c.EVAL_PERIOD = 0  # held-out L_cal every N iterations (0 = only at the end)
@@ -241,6 +248,7 @@ _CHOICES = {
     "CALIBRATION.SAMPLER": ("belm", "ddim"),
     "CALIBRATION.NOISE": ("inversion", "random"),
     "CALIBRATION.MAP_NORMALIZATION": ("max", "sum", "none"),
+    "CALIBRATION.STUDENT_MAPS": ("prompt_tokens", "implicit_tokens"),
     "SOLVER.OPTIMIZER": ("ADAMW", "SGD"),
     "SOLVER.NONFINITE_LOSS": ("raise", "skip"),
     "TEST.PSG_EVAL.PROTOCOL": ("multi", "single", "both"),

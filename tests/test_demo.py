@@ -215,7 +215,8 @@ def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch, syn
         ["--config-file", TINY_CONFIG, "--input", str(synth_png), str(photo), "--output", str(out),
          "--top-k-relations", "10", "--classes", "cup,saucer,table,disc,ball",
          "--predicates", "on,next to,left of",
-         "--opts", "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu",
+         "--opts", "MODEL.WEIGHTS", "", "MODEL.SPADE.ALLOW_UNTRAINED", "True",
+         "MODEL.DEVICE", "cpu",
          "MODEL.SPADE.TEST.OVERLAP_THRESHOLD", "0.0",
          "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD", "0.0", "SEED", "0",
          "MODEL.SPADE.RELATION.NUM_PAIRS", "1000"] + synthpsg_opts
@@ -249,10 +250,22 @@ def test_demo_command_line_runs_in_a_fresh_process(tmp_path, synthpsg_opts):
 
     Image.fromarray(generate_image(seed=5, index=1, size=64)[0]).save(tmp_path / "s.png")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
-    cmd = [sys.executable, os.path.join(ROOT, "projects", "SPADE", "demo.py"),
-           "--config-file", TINY_CONFIG, "--input", str(tmp_path / "s.png"),
-           "--output", str(tmp_path / "out"),
-           "--opts", "MODEL.WEIGHTS", ""] + synthpsg_opts  # fmt: skip
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "projects", "SPADE", "demo.py"),
+        "--config-file",
+        TINY_CONFIG,
+        "--input",
+        str(tmp_path / "s.png"),
+        "--output",
+        str(tmp_path / "out"),
+        "--opts",
+        "MODEL.WEIGHTS",
+        "",
+        "MODEL.SPADE.ALLOW_UNTRAINED",
+        "True",
+    ]
+    cmd += synthpsg_opts
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.load(open(tmp_path / "out" / "s_triplets.json"))
@@ -264,6 +277,9 @@ def test_demo_command_line_runs_in_a_fresh_process(tmp_path, synthpsg_opts):
     missing = subprocess.run(cmd[:5] + [str(tmp_path / "nope.png")] + cmd[6:], cwd=str(tmp_path),
                              env=env, capture_output=True, text=True)  # fmt: skip
     assert missing.returncode != 0 and "nope.png does not exist" in missing.stderr
+    untrained = subprocess.run(cmd[:-len(synthpsg_opts) - 2] + synthpsg_opts, cwd=str(tmp_path),
+                               env=env, capture_output=True, text=True)  # fmt: skip
+    assert untrained.returncode == 2 and "MODEL.WEIGHTS is empty" in untrained.stderr
 
 
 def test_predictor_loads_weights_saved_by_the_checkpointer(tmp_path, synthpsg_opts):
@@ -272,8 +288,8 @@ def test_predictor_loads_weights_saved_by_the_checkpointer(tmp_path, synthpsg_op
     from spade.engine.checkpoint import SafetensorsCheckpointer
     from spade.engine.defaults import setup_cfg
 
-    args = argparse.Namespace(config_file=TINY_CONFIG, opts=["MODEL.WEIGHTS", ""] + synthpsg_opts)
-    cfg = setup_cfg(args, do_default_setup=False)
+    opts = ["MODEL.WEIGHTS", "", "MODEL.SPADE.ALLOW_UNTRAINED", "True"] + synthpsg_opts
+    cfg = setup_cfg(argparse.Namespace(config_file=TINY_CONFIG, opts=opts), do_default_setup=False)
     trained = SPADEPredictor(cfg).model
     name, param = next((n, p) for n, p in trained.named_parameters() if p.requires_grad)
     with torch.no_grad():
@@ -285,3 +301,7 @@ def test_predictor_loads_weights_saved_by_the_checkpointer(tmp_path, synthpsg_op
     loaded = SPADEPredictor(cfg).model
     assert torch.equal(dict(loaded.named_parameters())[name], param)
     assert loaded.training is False
+    cfg.MODEL.SPADE.ALLOW_UNTRAINED = False
+    cfg.MODEL.WEIGHTS = ""
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        SPADEPredictor(cfg)

@@ -8,8 +8,9 @@ without relations are dropped from training (they give the student nothing to ma
 from __future__ import annotations
 
 import functools
+import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.data import (
@@ -31,6 +32,7 @@ from spade.modeling.backbone import (
     lora_disabled,
     save_trainable_state_dict,
 )
+from spade.provenance import STAGE1_KEY, stage1_record
 
 from .teacher import TeacherMapCache, TeacherMapGenerator, module_fingerprint, triplet_names
 
@@ -42,6 +44,7 @@ __all__ = [
     "build_calibration_train_loader",
     "build_calibration_test_loader",
     "TrainableWeightsIO",
+    "calibration_record_of",
 ]
 
 
@@ -49,7 +52,7 @@ def build_calibration_parts(cfg) -> Dict:
     """Keyword arguments of :class:`~spade.calibration.model.CalibrationModel` from ``cfg``.
 
     Builds the frozen VAE / UNet / CLIP (MODEL.SPADE.DIFFUSION, .CLIP), injects LoRA into attn2
-    (MODEL.SPADE.LORA; ENABLED False unfreezes the attn2 projections instead), builds the
+    (MODEL.SPADE.LORA; ENABLED False unfreezes the whole UNet instead), builds the
     implicit text encoder and the teacher generator (LoRA disabled while it runs). A UNet whose
     cross_attention_dim differs from CLIP's text width is a ValueError naming both config nodes.
     """
@@ -96,6 +99,7 @@ def build_calibration_parts(cfg) -> Dict:
         "clip_preprocess": functools.partial(clip_preprocess, clip_parts=clip),
         "student_timestep": int(cfg.MODEL.SPADE.DIFFUSION.TIMESTEP),
         "lambda_cal": float(c.LAMBDA),
+        "student_map_source": str(c.STUDENT_MAPS),
     }
 
 
@@ -161,6 +165,12 @@ class CalibrationDatasetMapper:
         }
 
 
+def calibration_record_of(dataset_name: str, items: Sequence[Tuple[dict, list]]) -> dict:
+    """The ``spade_stage1`` record of a calibration on ``items`` of ``dataset_name``."""
+    triplets = [t for _, per_image in items for t in per_image]
+    return stage1_record(dataset_name, MetadataCatalog.get(dataset_name), triplets)
+
+
 def build_calibration_train_loader(cfg, items: Sequence, cache: TeacherMapCache):
     """Infinite, rank-sharded, shuffled loader of batches (lists) of mapped items."""
     return build_detection_train_loader(
@@ -184,16 +194,26 @@ def build_calibration_test_loader(cfg, items: Sequence, cache: TeacherMapCache):
 class TrainableWeightsIO:
     """Stage 1's weights format for :class:`spade.engine.SafetensorsCheckpointer`.
 
-    ``save(path, metadata)`` writes the LoRA (or attn2) + MLP adapter weights with
+    ``save(path, metadata)`` writes the LoRA (or whole UNet) + MLP adapter weights with
     :func:`~spade.modeling.backbone.save_trainable_state_dict` (exactly what stage 2's
-    MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS loads); ``load(path)`` reads them back, checking
-    the shapes in the metadata.
+    MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS loads), with the ``spade_stage1`` record
+    (spade.provenance: dataset, split, ov_split, names in the teacher prompts) when given;
+    ``load(path)`` reads them back, checking the shapes in the metadata.
     """
 
-    def __init__(self, unet: torch.nn.Module, implicit_text: torch.nn.Module):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        implicit_text: torch.nn.Module,
+        record: Optional[dict] = None,
+    ):
         self.unet, self.implicit_text = unet, implicit_text
+        self.record = record
 
     def save(self, path: str, metadata: Dict[str, str]) -> None:
+        metadata = dict(metadata)
+        if self.record is not None:
+            metadata[STAGE1_KEY] = json.dumps(self.record, sort_keys=True)
         save_trainable_state_dict(path, self.unet, self.implicit_text, extra_metadata=metadata)
 
     def load(self, path: str) -> None:

@@ -19,22 +19,40 @@ averaged over each role's tokens and normalised per map (CALIBRATION.MAP_NORMALI
 
     L_cal = lambda * mean |A_i - A_i'|        (mean over triplets, roles and R x R pixels).
 
-Only the LoRA factors (or, for the full fine-tuning ablation, the attn2 projections) and the MLP
-adapter receive gradients; the VAE, CLIP and the UNet's base weights are frozen.
+Student map source (CALIBRATION.STUDENT_MAPS)
+--------------------------------------------
+``"prompt_tokens"`` (above) reads A_i' from the prompt tokens that follow the implicit tokens; but
+stage 2 conditions the UNet on the K implicit tokens *alone*, so what those maps calibrate is not
+exactly what stage 2 uses. ``"implicit_tokens"`` reads A_i' from the conditioning stage 2 uses:
+one UNet pass per image with the context ``[K, D]`` of the implicit tokens only, which gives one
+map per implicit slot ``M [B, K, R, R]``; each role of a triplet then reads those slot maps the way
+a cross-attention query would, with the role's words (the mean of the prompt's token states e_r
+over the role's span) as the query:
+
+    A_i'(r) = sum_k softmax_k(<e_r, t_k> / sqrt(D)) * M_k,
+
+t_k the implicit tokens of the image. The text only chooses among the slots; every map comes
+from a UNet pass conditioned exactly as in stage 2.
+
+Only the LoRA factors (or, for the full fine-tuning ablation, the whole UNet) and the MLP adapter
+receive gradients; the VAE, CLIP and (with LoRA) the UNet's base weights are frozen.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Sequence
 
 import torch
 from detectron2.config import configurable
 from torch import nn
 
-from .attention import AttentionStore, capture_cross_attention, normalize_maps, role_maps
+from .attention import ROLES, AttentionStore, capture_cross_attention, normalize_maps, role_maps
 from .teacher import TeacherMapGenerator
 
-__all__ = ["CalibrationModel", "calibration_loss"]
+__all__ = ["CalibrationModel", "calibration_loss", "STUDENT_MAP_SOURCES"]
+
+STUDENT_MAP_SOURCES = ("prompt_tokens", "implicit_tokens")  # CALIBRATION.STUDENT_MAPS
 
 
 def calibration_loss(
@@ -71,10 +89,11 @@ class CalibrationModel(nn.Module):
         clip_preprocess,
         student_timestep: int = 0,
         lambda_cal: float = 1.0,
+        student_map_source: str = "prompt_tokens",
     ):
         """
         Args:
-            unet: UNet2DConditionModel carrying LoRA (or unfrozen attn2 for full fine-tuning).
+            unet: UNet2DConditionModel carrying LoRA (or wholly trainable for full fine-tuning).
             vae: frozen AutoencoderKL.
             implicit_text: ImplicitTextEncoder (images -> [B, K, D]).
             clip_model: the frozen open_clip model (registered so ``.to`` moves it).
@@ -83,6 +102,8 @@ class CalibrationModel(nn.Module):
             clip_preprocess: (images [B, 3, H, W] in [0, 1]) -> CLIP-normalised images.
             student_timestep: UNet timestep of the student pass.
             lambda_cal: lambda of L_cal.
+            student_map_source: CALIBRATION.STUDENT_MAPS, one of :data:`STUDENT_MAP_SOURCES`
+                (module docstring).
         """
         super().__init__()
         self.unet, self.vae, self.implicit_text = unet, vae, implicit_text
@@ -91,6 +112,12 @@ class CalibrationModel(nn.Module):
         self.clip_preprocess = clip_preprocess
         self.student_timestep = int(student_timestep)
         self.lambda_cal = float(lambda_cal)
+        if student_map_source not in STUDENT_MAP_SOURCES:
+            raise ValueError(
+                f"CALIBRATION.STUDENT_MAPS = {student_map_source!r} is not one of "
+                f"{list(STUDENT_MAP_SOURCES)}"
+            )
+        self.student_map_source = student_map_source
 
     @classmethod
     def from_config(cls, cfg):
@@ -125,18 +152,42 @@ class CalibrationModel(nn.Module):
             return images.new_zeros(0, 3, r, r)
         index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
         index = index.to(images.device)
+        if self.student_map_source == "implicit_tokens":
+            maps = self._implicit_slot_maps(images, flat, index)
+        else:
+            maps = self._prompt_token_maps(images, flat, index)
+        return normalize_maps(maps, self.teacher.normalization)
+
+    def _unet_maps(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Per-context-token maps [N, L', R, R] of one student UNet pass (with grad)."""
+        store = AttentionStore(self.teacher.resolution, latents.shape[-2:])
+        dtype = next(self.unet.parameters()).dtype
+        t = torch.full((latents.shape[0],), self.student_timestep, device=latents.device)
+        with capture_cross_attention(self.unet, store):
+            self.unet(latents.to(dtype), t.long(), encoder_hidden_states=context.to(dtype))
+        return store.mean().float()
+
+    def _prompt_token_maps(self, images, flat, index) -> torch.Tensor:
+        """Role-token maps in the context [K implicit + L prompt tokens]: [T, 3, R, R]."""
         latents = self.teacher.encode_latent(images)[index]  # [T, C, h, w]
         implicit = self.implicit_text(self.clip_preprocess(images))[index]  # [T, K, D]
         prompt = self.teacher.encode_text(self.teacher.prompts(flat)).to(implicit)  # [T, L, D]
         context = torch.cat([implicit, prompt], dim=1)
         spans = self.teacher.spans(flat, offset=1 + implicit.shape[1])
-        store = AttentionStore(r, latents.shape[-2:])
-        dtype = next(self.unet.parameters()).dtype
-        t = torch.full((len(flat),), self.student_timestep, dtype=torch.long, device=images.device)
-        with capture_cross_attention(self.unet, store):
-            self.unet(latents.to(dtype), t, encoder_hidden_states=context.to(dtype))
-        maps = role_maps(store.mean().float(), spans)
-        return normalize_maps(maps, self.teacher.normalization)
+        return role_maps(self._unet_maps(latents, context), spans)
+
+    def _implicit_slot_maps(self, images, flat, index) -> torch.Tensor:
+        """Role read-out of the implicit-slot maps of a K-token-only pass ([T, 3, R, R])."""
+        implicit = self.implicit_text(self.clip_preprocess(images))  # [B, K, D]
+        slot_maps = self._unet_maps(self.teacher.encode_latent(images), implicit)  # [B, K, R, R]
+        prompt = self.teacher.encode_text(self.teacher.prompts(flat)).to(implicit)  # [T, L, D]
+        spans = self.teacher.spans(flat)
+        roles = torch.stack(
+            [torch.stack([prompt[i, s[r]].mean(0) for r in ROLES]) for i, s in enumerate(spans)]
+        )  # [T, 3, D]
+        tokens = implicit[index].float()  # [T, K, D]
+        weights = torch.einsum("trd,tkd->trk", roles.float(), tokens) / math.sqrt(tokens.shape[-1])
+        return torch.einsum("trk,tkhw->trhw", weights.softmax(dim=-1), slot_maps[index])
 
     def forward(self, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         """L_cal of a batch: ``{"loss_cal": scalar}``."""

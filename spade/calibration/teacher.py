@@ -4,7 +4,9 @@ Shape shorthand: T triplets of one image (<= CALIBRATION.MAX_TRIPLETS_PER_IMAGE)
 length, D cross-attention width, C x h x w the VAE latent, R = CALIBRATION.MAP_RESOLUTION.
 
 For one image and its ground-truth triplets the :class:`TeacherMapGenerator` builds one prompt
-per triplet from CALIBRATION.PROMPT_TEMPLATE, encodes the image with the VAE to ``x_0``, inverts
+per triplet from CALIBRATION.PROMPT_TEMPLATE, with every name written as the text classifiers
+write it (:func:`spade.modeling.open_vocab.prompt_name`: "floor-other-merged" -> "floor"),
+encodes the image with the VAE to ``x_0``, inverts
 ``x_0`` to noise with the frozen teacher (the UNet with LoRA disabled) conditioned on each prompt
 (CALIBRATION.INVERSION; CALIBRATION.NOISE "random" skips the inversion and starts from seeded
 random noise), samples back (CALIBRATION.SAMPLER) while recording the cross-attention maps of the
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spade.modeling.open_vocab import prompt_name
 from spade.utils.io import atomic_save_safetensors
 
 from . import inversion as inv
@@ -114,6 +117,8 @@ class TeacherMapGenerator:
         context_length: L.
         teacher_mode: () -> context manager under which ``unet`` is the frozen teacher
             (LoRA disabled).
+        display_name: dataset name -> the words put in the prompt (default: the text
+            classifiers' :func:`~spade.modeling.open_vocab.prompt_name`).
         num_steps, inversion, sampler, noise, guidance_scale, capture_steps, resolution,
         normalization, template: the CALIBRATION settings of the same names.
     """
@@ -138,6 +143,7 @@ class TeacherMapGenerator:
         normalization: str = "max",
         template: str = "{subject} is {predicate} {object}",
         teacher_mode: Callable[[], ContextManager] = contextlib.nullcontext,
+        display_name: Callable[[str], str] = prompt_name,
     ):
         if noise not in ("inversion", "random"):
             raise ValueError(f"CALIBRATION.NOISE must be 'inversion' or 'random', got {noise!r}")
@@ -153,6 +159,7 @@ class TeacherMapGenerator:
         self.capture_steps = frozenset(int(s) for s in capture_steps)
         self.resolution, self.normalization, self.template = resolution, normalization, template
         self.teacher_mode = teacher_mode
+        self.display_name = display_name
         self.settings = {  # everything besides the model, prompts and image that changes the maps
             "num_steps": num_steps,
             "inversion": inversion,
@@ -166,8 +173,15 @@ class TeacherMapGenerator:
             "scheduler": {k: str(v) for k, v in sorted(dict(scheduler.config).items())},
         }
 
+    def role_names(self, triplet: Triplet) -> Dict[str, str]:
+        """{"subject", "predicate", "object"} -> the display name put in the prompt."""
+        s, p, o = (self.display_name(str(n)) for n in triplet)
+        return {"subject": s, "predicate": p, "object": o}
+
     def prompts(self, triplets: Sequence[Triplet]) -> List[str]:
-        return [self.template.format(subject=s, predicate=p, object=o) for s, p, o in triplets]
+        """One prompt per triplet of dataset names, e.g. ("floor-other-merged", "on", "wall")
+        -> "floor is on wall"."""
+        return [self.template.format(**self.role_names(t)) for t in triplets]
 
     def spans(self, triplets: Sequence[Triplet], offset: int = 1) -> List[Dict[str, List[int]]]:
         """Role token positions of each prompt (``offset`` = position of the first word)."""
@@ -175,11 +189,11 @@ class TeacherMapGenerator:
             role_token_spans(
                 self.encode_ids,
                 self.template,
-                {"subject": s, "predicate": p, "object": o},
+                self.role_names(t),
                 offset=offset,
                 max_length=self.context_length + offset - 1,
             )
-            for s, p, o in triplets
+            for t in triplets
         ]
 
     @torch.no_grad()

@@ -10,7 +10,8 @@ Order of work in :class:`CalibrationTrainer` (DefaultTrainer's construction orde
    changes the UNet itself, still gets maps from the untouched teacher);
 2. the shared optimizer builder (only LoRA / attn2 + MLP adapter are trainable), the guarded
    training loop (DDP with ``device_ids=None`` on CPU, AMP, non-finite loss guard) and the
-   shared safetensors checkpointer (the model writes its stage-2 input format itself);
+   shared safetensors checkpointer (the model writes its stage-2 input format itself, with the
+   ``spade_stage1`` record of the dataset, split and teacher-prompt names: spade.provenance);
 3. hooks: IterationTimer, LRScheduler, PeriodicCheckpointer, EvalHook (held-out L_cal, mean
    over all ranks), PeriodicWriter (console, metrics.json, TensorBoard).
 """
@@ -34,6 +35,7 @@ from .builder import (
     build_calibration_train_loader,
     build_teacher_cache,
     calibration_items,
+    calibration_record_of,
 )
 from .model import CalibrationModel
 
@@ -91,7 +93,8 @@ class CalibrationTrainer(SPADETrainer):
         return model
 
     def checkpoint_weights_io(self, model) -> TrainableWeightsIO:
-        return TrainableWeightsIO(model.unet, model.implicit_text)
+        record = calibration_record_of(self.cfg.DATASETS.TRAIN[0], self.train_items)
+        return TrainableWeightsIO(model.unet, model.implicit_text, record=record)
 
     def build_train_loader(self, cfg):
         return build_calibration_train_loader(cfg, self.train_items, self.cache)

@@ -14,12 +14,20 @@ A checkpoint named ``model_0004999`` is two files in the output directory:
 
 Both are written atomically, then ``last_checkpoint`` is re-tagged atomically, so a process killed
 at any moment leaves the previous checkpoint intact and ``--resume`` finds a complete one.
+
+Provenance: every submodule with a ``provenance()`` method adds its string metadata to the weights
+file (stage 2: the ``spade_calibration`` record of the stage-1 weights, see spade.provenance), and
+every submodule with ``check_provenance(metadata, path)`` checks a loaded file's metadata (a
+checkpoint trained on other stage-1 weights is refused). A flat checkpoint that lacks keys of the
+model (besides the frozen prefixes) or holds keys the model does not have is refused, naming the
+file and the keys, unless ``allow_partial`` (MODEL.SPADE.ALLOW_PARTIAL_CHECKPOINT) is set, which
+also lets a checkpoint without a provenance record load.
 Loading accepts ``.safetensors`` and ``.pth`` (weights_only); pickled ``.pkl`` files are refused,
 and a missing or unreadable file is a one-line error naming it.
 """
 
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -69,13 +77,24 @@ class SafetensorsCheckpointer(DetectionCheckpointer):
         model, save_dir, save_to_disk, checkpointables: as for DetectionCheckpointer.
         weights_io: the stage's own weights format (``save(path, metadata)``, ``load(path)``);
             None = the flat state dict without the frozen prefixes.
+        allow_partial: load a flat checkpoint with missing / unexpected keys or without a
+            provenance record (warned), instead of refusing it.
     """
 
     def __init__(
-        self, model, save_dir="", *, save_to_disk=None, weights_io=None, **checkpointables
+        self,
+        model,
+        save_dir="",
+        *,
+        save_to_disk=None,
+        weights_io=None,
+        allow_partial: bool = False,
+        **checkpointables,
     ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.weights_io = weights_io
+        self.allow_partial = bool(allow_partial)
+        self._loading: Optional[str] = None
 
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         if path and not os.path.isfile(path) and "://" not in path:
@@ -83,10 +102,12 @@ class SafetensorsCheckpointer(DetectionCheckpointer):
                 f"checkpoint {path} does not exist "
                 f"(MODEL.WEIGHTS or {self.save_dir}/last_checkpoint)"
             )
+        self._loading = path
         try:
             return super().load(path, *args, **kwargs)
         finally:  # a failed load must not leave the parent's per-load state behind
             self._parsed_url_during_load = None
+            self._loading = None
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
@@ -101,6 +122,7 @@ class SafetensorsCheckpointer(DetectionCheckpointer):
             self.weights_io.save(weights_file, metadata)
         else:
             metadata["format"] = "spade"
+            metadata.update(model_provenance(self.model))
             tensors = trainable_state_dict(self.model)
             atomic_save_safetensors(tensors, weights_file, metadata=metadata)
         atomic_write(state_file, lambda tmp: torch.save(state, tmp))
@@ -130,6 +152,7 @@ class SafetensorsCheckpointer(DetectionCheckpointer):
                 checkpoint: Dict[str, Any] = {"model": None, "__weights_file__": filename}
             else:
                 checkpoint = {"model": _read_safetensors(filename)}
+                checkpoint["__metadata__"] = _read_metadata(filename)
             state_file = filename[: -len(WEIGHTS_SUFFIX)] + STATE_SUFFIX
             if os.path.isfile(state_file):
                 checkpoint.update(_load_weights_only(state_file))
@@ -149,13 +172,67 @@ class SafetensorsCheckpointer(DetectionCheckpointer):
             checkpoint.pop("model", None)
             self.weights_io.load(weights_file)
             return None
+        metadata = checkpoint.pop("__metadata__", None)
+        path = self._loading or "MODEL.WEIGHTS"
+        if metadata is not None or not self.allow_partial:
+            self._check_provenance(metadata or {}, path)
         incompatible = super()._load_model(checkpoint)
         prefixes = tuple(frozen_state_prefixes(self.model))
         if prefixes and incompatible is not None:
             incompatible.missing_keys[:] = [
                 k for k in incompatible.missing_keys if not k.startswith(prefixes)
             ]
+        if incompatible is not None and not self.allow_partial:
+            _refuse_incompatible(incompatible, path)
         return incompatible
+
+    def _check_provenance(self, metadata: Dict[str, str], path: str) -> None:
+        for module in _unwrap(self.model).modules():
+            fn = getattr(module, "check_provenance", None)
+            if not callable(fn):
+                continue
+            try:
+                fn(metadata, path)
+            except ValueError:
+                if not self.allow_partial:
+                    raise
+                self.logger.warning(f"{path}: provenance not checked (ALLOW_PARTIAL_CHECKPOINT)")
+
+
+def model_provenance(model: nn.Module) -> Dict[str, str]:
+    """Metadata of every submodule's ``provenance()`` (e.g. the stage-1 weights record)."""
+    out: Dict[str, str] = {}
+    for module in _unwrap(model).modules():
+        fn = getattr(module, "provenance", None)
+        if callable(fn):
+            out.update(fn())
+    return out
+
+
+def _refuse_incompatible(incompatible, path: str) -> None:
+    missing, unexpected = list(incompatible.missing_keys), list(incompatible.unexpected_keys)
+    shapes = [k for k, *_ in getattr(incompatible, "incorrect_shapes", [])]
+    if not (missing or unexpected or shapes):
+        return
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} keys of another shape {shapes[:3]}")
+    if missing:
+        parts.append(f"{len(missing)} model keys missing {missing[:3]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys the model lacks {unexpected[:3]}")
+    raise ValueError(
+        f"checkpoint {path} does not fit the model: {'; '.join(parts)} (another model's "
+        "checkpoint?); set MODEL.SPADE.ALLOW_PARTIAL_CHECKPOINT True to load it with those "
+        "parts left random"
+    )
+
+
+def _read_metadata(filename: str) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(filename, framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
 
 
 def _read_safetensors(filename: str) -> Dict[str, torch.Tensor]:

@@ -23,12 +23,14 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from spade.config import add_spade_config, validate_spade_config
+from spade.provenance import resolve_calibrated_weights
 
 __all__ = [
     "setup_cfg",
     "merge_config",
     "prepare_datasets",
     "run_training",
+    "eval_weights",
     "argument_parser",
     "run_cli",
 ]
@@ -109,6 +111,26 @@ def run_cli(fn, args, prog: str = ""):
         sys.exit(2)
 
 
+def eval_weights(cfg: CfgNode, resume: bool = False) -> str:
+    """The checkpoint an evaluation loads: with ``resume`` the last one of OUTPUT_DIR when it
+    exists, else MODEL.WEIGHTS. None at all is a ValueError unless MODEL.SPADE.ALLOW_UNTRAINED
+    (then "" and the model runs with its random heads)."""
+    tag = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+    weights = cfg.MODEL.WEIGHTS
+    if resume and os.path.isfile(tag):
+        with open(tag) as f:
+            name = f.read().strip()
+        weights = os.path.join(cfg.OUTPUT_DIR, name)
+        if not os.path.splitext(weights)[1] and os.path.isfile(weights + ".safetensors"):
+            weights += ".safetensors"
+    if not weights and not cfg.MODEL.SPADE.ALLOW_UNTRAINED:
+        raise ValueError(
+            "MODEL.WEIGHTS is empty: evaluation / inference would run untrained heads; name a "
+            "stage-2 checkpoint, or set MODEL.SPADE.ALLOW_UNTRAINED True to run them anyway"
+        )
+    return weights
+
+
 def prepare_datasets(cfg: CfgNode) -> None:
     """Generate (main process only; others wait) and register SynthPSG when the config uses it;
     register the ``DATASETS.CUSTOM`` dataset when the config names one."""
@@ -123,14 +145,24 @@ def prepare_datasets(cfg: CfgNode) -> None:
 
 
 def run_training(trainer_cls, cfg: CfgNode, args):
-    """Evaluate (``--eval-only``) or train (``--resume`` continues the last checkpoint)."""
+    """Evaluate (``--eval-only``) or train (``--resume`` continues the last checkpoint).
+
+    ``--eval-only`` needs weights (MODEL.WEIGHTS, or with ``--resume`` the last checkpoint of
+    OUTPUT_DIR) unless MODEL.SPADE.ALLOW_UNTRAINED; the stage-1 weights the checkpoint records
+    are loaded when the config names none (spade.provenance.resolve_calibrated_weights)."""
     from spade.engine.checkpoint import SafetensorsCheckpointer
 
     if args.eval_only:
+        weights = eval_weights(cfg, resume=args.resume)
+        cfg = resolve_calibrated_weights(cfg, weights)
         model = trainer_cls.build_model(cfg)
-        SafetensorsCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        checkpointer = SafetensorsCheckpointer(
+            model,
+            save_dir=cfg.OUTPUT_DIR,
+            allow_partial=bool(cfg.MODEL.SPADE.ALLOW_PARTIAL_CHECKPOINT),
         )
+        if weights:
+            checkpointer.load(weights)
         return trainer_cls.test(cfg, model)
     trainer = trainer_cls(cfg)
     trainer.resume_or_load(resume=args.resume)

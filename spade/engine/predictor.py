@@ -3,8 +3,10 @@ SPADE).
 
 Compared with calling the model directly it (1) builds the model from the config and loads
 ``cfg.MODEL.WEIGHTS`` with :class:`~spade.engine.checkpoint.SafetensorsCheckpointer` (safetensors,
-or a weights-only ``.pth``; never a pickle), (2) takes a numpy image in BGR or RGB order and
-converts it to ``cfg.INPUT.FORMAT``, (3) applies the test-time resize of the
+or a weights-only ``.pth``; never a pickle): the stage-1 weights the checkpoint records are used
+when the config names none, a checkpoint that does not fit the model is refused, and an empty
+MODEL.WEIGHTS is an error unless MODEL.SPADE.ALLOW_UNTRAINED, (2) takes a numpy image in BGR or
+RGB order and converts it to ``cfg.INPUT.FORMAT``, (3) applies the test-time resize of the
 test dataset mapper (``INPUT.DATASET_MAPPER_NAME``; SPADE's fits the image into INPUT.IMAGE_SIZE),
 so a demo image is seen exactly as an evaluation image is,
 (4) runs one image under ``torch.no_grad`` and returns its output dict (docs/INTERFACES.md, "Model
@@ -27,6 +29,7 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from spade.data.dataset_mapper import build_dataset_mapper
+from spade.provenance import resolve_calibrated_weights
 
 from .checkpoint import SafetensorsCheckpointer
 
@@ -49,6 +52,16 @@ class SPADEPredictor:
             model: an already built model to use instead of ``build_model(cfg)`` (the weights of
                 ``cfg.MODEL.WEIGHTS``, when set, are still loaded into it).
         """
+        weights = cfg.MODEL.WEIGHTS
+        if model is None:
+            if not weights and not cfg.MODEL.SPADE.ALLOW_UNTRAINED:
+                raise ValueError(
+                    "MODEL.WEIGHTS is empty: the predictor would run untrained heads; name a "
+                    "stage-2 checkpoint, or set MODEL.SPADE.ALLOW_UNTRAINED True"
+                )
+            if weights and "://" not in weights and not os.path.isfile(weights):
+                raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint file {weights} does not exist")
+            cfg = resolve_calibrated_weights(cfg, weights)
         self.cfg = cfg.clone()
         self.cfg.freeze()
         self.model = model if model is not None else build_model(self.cfg)
@@ -56,11 +69,11 @@ class SPADEPredictor:
         self.metadata = (
             MetadataCatalog.get(cfg.DATASETS.TEST[0]) if len(cfg.DATASETS.TEST) else None
         )
-        weights = cfg.MODEL.WEIGHTS
         if weights:
             if "://" not in weights and not os.path.isfile(weights):
                 raise FileNotFoundError(f"MODEL.WEIGHTS: checkpoint file {weights} does not exist")
-            SafetensorsCheckpointer(self.model).load(weights)
+            allow = bool(cfg.MODEL.SPADE.ALLOW_PARTIAL_CHECKPOINT)
+            SafetensorsCheckpointer(self.model, allow_partial=allow).load(weights)
         mapper = build_dataset_mapper(self.cfg, is_train=False)
         self.aug = getattr(mapper, "augmentations", None)
         if not isinstance(self.aug, T.AugmentationList):

@@ -194,6 +194,7 @@ class SPADETrainer(DefaultTrainer):
             model,
             cfg.OUTPUT_DIR,
             weights_io=self.checkpoint_weights_io(model),
+            allow_partial=bool(cfg.MODEL.SPADE.ALLOW_PARTIAL_CHECKPOINT),
             trainer=weakref.proxy(self),
         )
         self.start_iter = 0

@@ -149,14 +149,14 @@ def test_ablation_switches_random_noise_and_ddim(model_and_cache):
         gen.guidance_scale = 1.0
 
 
-def test_full_finetuning_ablation_trains_attn2_only(tmp_path):
+def test_full_finetuning_ablation_trains_whole_unet(tmp_path):
     cfg = tiny_calibration_cfg(str(tmp_path))
     cfg.MODEL.SPADE.LORA.ENABLED = False
     model = CalibrationModel(cfg)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(".lora_" in n for n in names)
     unet_names = {n for n in names if n.startswith("unet.")}
-    assert unet_names and all(".attn2.to_" in n for n in unet_names)
+    assert unet_names == {f"unet.{n}" for n, _ in model.unet.named_parameters()}
     image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(2))
     teacher = model.teacher(image, TRIPLETS[:1])
     loss = model([{"image": image, "triplets": TRIPLETS[:1], "teacher_maps": teacher}])["loss_cal"]
@@ -187,3 +187,37 @@ def test_full_finetuning_ablation_trains_attn2_only(tmp_path):
             num_steps=3,
             capture_steps=[4],
         )
+
+
+def test_teacher_prompts_use_the_text_classifiers_display_names(tmp_path):
+    model = CalibrationModel(tiny_calibration_cfg(str(tmp_path)))
+    triplet = ("floor-other-merged", "sitting_on", "wall-other-merged")
+    assert model.teacher.prompts([triplet]) == ["floor is sitting on wall"]
+    spans = model.teacher.spans([triplet])[0]
+    encode = model.teacher.encode_ids
+    assert len(spans["subject"]) == len(encode("floor"))
+    assert len(spans["object"]) == len(encode("wall"))
+    assert len(spans["predicate"]) == len(encode("sitting on"))
+
+
+def test_student_maps_from_implicit_token_slots(tmp_path):
+    cfg = tiny_calibration_cfg(str(tmp_path))
+    cfg.MODEL.SPADE.LORA.INIT_WEIGHTS = False
+    prompt_model = CalibrationModel(cfg)
+    cfg.CALIBRATION.STUDENT_MAPS = "implicit_tokens"
+    model = CalibrationModel(cfg)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    triplets = [TRIPLETS, TRIPLETS[:1]]
+    maps = model.student_maps(images, triplets)
+    r = model.teacher.resolution
+    assert maps.shape == (3, 3, r, r) and torch.isfinite(maps).all()
+    assert not torch.allclose(maps, prompt_model.student_maps(images, triplets))
+    # the two triplets of image 0 share its slot maps but read them with other words
+    assert not torch.allclose(maps[0], maps[1])
+    maps.sum().backward()
+    lora = [p.grad for n, p in model.unet.named_parameters() if ".lora_" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in lora)
+    assert all(p.grad is not None for p in model.implicit_text.adapter.parameters())
+    cfg.CALIBRATION.STUDENT_MAPS = "words"
+    with pytest.raises(ValueError, match="CALIBRATION.STUDENT_MAPS = 'words'"):
+        CalibrationModel(cfg)

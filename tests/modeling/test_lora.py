@@ -148,14 +148,14 @@ def test_merged_and_unmerged_give_same_output(make_cfg):
         merge_lora(build_diffusion_parts(make_cfg()).unet)
 
 
-def test_full_finetuning_ablation_saves_attn2_weights(tmp_path, make_cfg, tiny_clip):
+def test_full_finetuning_ablation_saves_whole_unet(tmp_path, make_cfg, tiny_clip):
     cfg = make_cfg(**{"LORA.ENABLED": False})
     unet = build_diffusion_parts(cfg).unet
-    names = apply_lora(unet, cfg.MODEL.SPADE.LORA)
-    assert not has_lora(unet) and len(names) == 40
+    apply_lora(unet, cfg.MODEL.SPADE.LORA)
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
-    # to_q / to_k / to_v weights + to_out.0 weight and bias per attn2 layer
-    assert len(trainable) == 10 * 5 and all(".attn2." in n for n in trainable)
+    # "no LoRA" fine-tunes the whole UNet, not only the attn2 projections
+    assert not has_lora(unet) and trainable == {n for n, _ in unet.named_parameters()}
+    assert any(".attn1." in n for n in trainable) and any("conv_in" in n for n in trainable)
     with torch.no_grad():
         for n, p in unet.named_parameters():
             if n in trainable:
@@ -167,3 +167,8 @@ def test_full_finetuning_ablation_saves_attn2_weights(tmp_path, make_cfg, tiny_c
     assert not torch.equal(_run(fresh), _run(unet))
     load_trainable_state_dict(path, fresh, None)
     assert torch.equal(_run(fresh), _run(unet))
+    partial = str(tmp_path / "partial.safetensors")
+    unet.conv_in.requires_grad_(False)  # a file missing UNet parameters is refused
+    save_trainable_state_dict(partial, unet, None)
+    with pytest.raises(ValueError, match="partial.safetensors: the full fine-tuning file lacks"):
+        load_trainable_state_dict(partial, fresh, None)

@@ -14,8 +14,15 @@ Pipeline of :meth:`DiffusionBackbone.forward` (input: the detectron2-normalised 
 
 The VAE and CLIP always run without grad; the UNet runs with grad only while LoRA or the adapter
 is being trained (DIFFUSION.TRAIN_LORA / TRAIN_ADAPTER), otherwise without.
+
+Calibration (``from_config``): DIFFUSION.CALIBRATED_WEIGHTS loads stage 1's LoRA + adapter, after
+checking that stage 1 held out every novel name of the training datasets (spade.provenance);
+CALIBRATION.ENABLED False (the no-calibration ablation) builds the UNet without LoRA and keeps
+the seeded, untrained adapter. What was loaded is recorded (:meth:`provenance`) in every stage-2
+checkpoint and checked when one is loaded (:meth:`check_provenance`).
 """
 
+import json
 import logging
 import re
 from typing import Dict, List, Optional, Sequence
@@ -24,9 +31,12 @@ import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 from torch import nn
+
+from spade import provenance
 
 from .feature_capture import BlockSpec, capture_outputs, probe_blocks, resolve_sources
 from .implicit_text import ImplicitTextEncoder, build_implicit_text_encoder
@@ -110,6 +120,7 @@ class DiffusionBackbone(Backbone):
         train_adapter: bool = False,
         train_projections: bool = True,
         merge_lora_for_inference: bool = False,
+        calibration: Optional[dict] = None,
     ):
         """
         Args:
@@ -124,6 +135,8 @@ class DiffusionBackbone(Backbone):
             train_lora, train_adapter: keep grad for LoRA / the MLP adapter (UNet runs with grad).
             train_projections: the projection convs require grad.
             merge_lora_for_inference: fold LoRA into the UNet weights while in eval mode.
+            calibration: the ``spade_calibration`` record of what the UNet / adapter were built
+                from (spade.provenance); None = not recorded (parts built by hand).
         """
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -147,6 +160,7 @@ class DiffusionBackbone(Backbone):
         self.train_adapter = bool(train_adapter)
         self.merge_lora_for_inference = bool(merge_lora_for_inference) and has_lora(self.unet)
         self._lora_merged = False
+        self.calibration = calibration
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
 
@@ -196,12 +210,7 @@ class DiffusionBackbone(Backbone):
             diffusion.unet.config.cross_attention_dim,
             seed=cfg.MODEL.SPADE.IMPLICIT_TEXT.SEED,
         )
-        lora = cfg.MODEL.SPADE.LORA
-        if lora.ENABLED or d.TRAIN_LORA or d.CALIBRATED_WEIGHTS:
-            apply_lora(diffusion.unet, lora, seed=lora.SEED)
-        if d.CALIBRATED_WEIGHTS:
-            load_trainable_state_dict(d.CALIBRATED_WEIGHTS, diffusion.unet, implicit)
-            logger.info("Loaded calibrated LoRA + adapter from %s", d.CALIBRATED_WEIGHTS)
+        calibration = _load_calibration(cfg, diffusion.unet, implicit)
         return dict(
             diffusion=diffusion,
             clip=clip,
@@ -217,7 +226,8 @@ class DiffusionBackbone(Backbone):
             train_lora=bool(d.TRAIN_LORA),
             train_adapter=bool(d.TRAIN_ADAPTER),
             train_projections=bool(d.TRAIN_BACKBONE_PROJ),
-            merge_lora_for_inference=bool(lora.MERGE_FOR_INFERENCE),
+            merge_lora_for_inference=bool(cfg.MODEL.SPADE.LORA.MERGE_FOR_INFERENCE),
+            calibration=calibration,
         )
 
     # ------------------------------------------------------------------ detectron2 Backbone API
@@ -307,6 +317,20 @@ class DiffusionBackbone(Backbone):
             if not any(p.requires_grad for p in module.parameters())
         ]
 
+    def provenance(self) -> Dict[str, str]:
+        """Checkpoint metadata: the ``spade_calibration`` record (spade.provenance)."""
+        if self.calibration is None:
+            return {}
+        return {provenance.CALIBRATION_KEY: json.dumps(self.calibration, sort_keys=True)}
+
+    def check_provenance(self, metadata: Dict[str, str], checkpoint: str) -> None:
+        """Refuse a checkpoint trained on other stage-1 weights than this backbone was built
+        with (or recording none); no-op for a backbone built by hand."""
+        if self.calibration is None:
+            return
+        recorded = provenance.read_record(metadata, provenance.CALIBRATION_KEY, checkpoint)
+        provenance.check_recorded_calibration(recorded, self.calibration, checkpoint)
+
     def _apply(self, fn, recurse: bool = True):
         self.clip.model._apply(fn)  # forward .to() / .half() to the unregistered CLIP
         return super()._apply(fn, recurse)
@@ -334,6 +358,43 @@ class DiffusionBackbone(Backbone):
                 f"DiffusionBackbone input {h}x{w} is not a multiple of size_divisibility "
                 f"{self._size_divisibility}; pad the batch (ImageList.from_tensors)"
             )
+
+
+def _load_calibration(cfg, unet: nn.Module, implicit: ImplicitTextEncoder) -> dict:
+    """LoRA + calibrated weights of stage 2 as the config asks; returns the calibration record.
+
+    CALIBRATION.ENABLED False: no LoRA, adapter untrained (CALIBRATED_WEIGHTS / TRAIN_LORA set
+    too is a ValueError). Otherwise LoRA when enabled, trained or loaded, and CALIBRATED_WEIGHTS
+    loaded after the leakage check against every training dataset's ov_split."""
+    d, lora = cfg.MODEL.SPADE.DIFFUSION, cfg.MODEL.SPADE.LORA
+    if not cfg.CALIBRATION.ENABLED:
+        for key, value in (
+            ("CALIBRATED_WEIGHTS", d.CALIBRATED_WEIGHTS),
+            ("TRAIN_LORA", d.TRAIN_LORA),
+        ):
+            if value:
+                raise ValueError(
+                    f"CALIBRATION.ENABLED is False (no-calibration ablation) but "
+                    f"MODEL.SPADE.DIFFUSION.{key} is {value!r}; unset one of them"
+                )
+        logger.info("No calibration: UNet without LoRA, implicit-text adapter untrained")
+        return provenance.calibration_record(False, "")
+    if lora.ENABLED or d.TRAIN_LORA or d.CALIBRATED_WEIGHTS:
+        apply_lora(unet, lora, seed=lora.SEED)
+    if not d.CALIBRATED_WEIGHTS:
+        logger.warning(
+            "MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS is empty: the UNet is uncalibrated (zero "
+            "LoRA, untrained adapter); checkpoints record calibration 'none'"
+        )
+        return provenance.calibration_record(True, "")
+    path = d.CALIBRATED_WEIGHTS
+    meta = load_trainable_state_dict(path, unet, implicit)
+    stage1 = provenance.read_record(meta, provenance.STAGE1_KEY, path)
+    for name in cfg.DATASETS.TRAIN:
+        ov = MetadataCatalog.get(name).get("ov_split", None)
+        provenance.check_no_leakage(stage1, ov, path, name)
+    logger.info("Loaded calibrated LoRA + adapter from %s", path)
+    return provenance.calibration_record(True, path, stage1)
 
 
 def clip_dense_features(clip: ClipParts, pixels: torch.Tensor) -> torch.Tensor:

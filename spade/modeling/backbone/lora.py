@@ -5,9 +5,10 @@ implicit text encoder's MLP adapter; the teacher is the same UNet with its adapt
 (:func:`lora_disabled`), so one UNet sits in memory. LoRA is injected through diffusers' PEFT
 integration (``unet.add_adapter(LoraConfig(...))``).
 
-With ``LORA.ENABLED`` False (the full fine-tuning ablation) no adapter is injected; instead the
-UNet modules named by ``LORA.TARGET_MODULES`` (the attn2 projections) become trainable and their
-weights are saved in place of the LoRA factors.
+With ``LORA.ENABLED`` False (the "no LoRA" ablation: full fine-tuning) no adapter is injected;
+instead every UNet parameter becomes trainable and the whole UNet is saved in place of the LoRA
+factors (SD 1.5: ~860M parameters, ~3.4 GB in float32; AdamW adds two moments, so budget about
+14 GB of GPU memory for weights, gradients and optimizer state before activations).
 
 The trainable parts travel as ONE safetensors file: keys ``lora.<peft key>`` (or
 ``unet.<parameter name>`` for the ablation) and ``adapter.<key>``, with string metadata (format,
@@ -48,14 +49,16 @@ _CROSS_ATTENTION = "attn2"
 
 
 def apply_lora(unet: torch.nn.Module, lora_cfg: CfgNode, seed: int = 0) -> List[str]:
-    """Make the UNet's cross-attention trainable, everything else frozen.
+    """Make the UNet's cross-attention LoRA trainable, everything else frozen (or, with
+    ``ENABLED`` False, the whole UNet trainable).
 
     Args:
         unet: a diffusers UNet2DConditionModel (frozen by the loader).
         lora_cfg: ``cfg.MODEL.SPADE.LORA`` (ENABLED, RANK, ALPHA, TARGET_MODULES, INIT_WEIGHTS).
         seed: seed of the random LoRA init when ``INIT_WEIGHTS`` is False.
     Returns:
-        names of the UNet modules that were adapted (LoRA) or unfrozen (full fine-tuning).
+        names of the UNet modules that were adapted (LoRA), or of every UNet module (full
+        fine-tuning).
     Raises:
         ValueError if a target matches no module or a module outside ``attn2`` (self-attention
         attn1 and the rest of the UNet stay untouched, as in the paper).
@@ -73,10 +76,9 @@ def apply_lora(unet: torch.nn.Module, lora_cfg: CfgNode, seed: int = 0) -> List[
             f"MODEL.SPADE.LORA.TARGET_MODULES={targets} match modules outside cross-attention "
             f"(attn2): {outside[:3]}"
         )
-    if not lora_cfg.ENABLED:
-        for name in names:
-            unet.get_submodule(name).requires_grad_(True)
-        return names
+    if not lora_cfg.ENABLED:  # "no LoRA": the whole UNet is fine-tuned
+        unet.requires_grad_(True)
+        return [n for n, _ in unet.named_modules() if n]
     if has_lora(unet):
         raise ValueError("the UNet already carries a LoRA adapter")
     config = LoraConfig(
@@ -139,8 +141,8 @@ def trainable_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """The calibrated weights: ``lora.*`` (or ``unet.*`` without LoRA) and ``adapter.*``.
 
-    Without LoRA, the UNet parameters that require grad are saved (those :func:`apply_lora`
-    unfroze). Tensors are detached, contiguous CPU copies.
+    Without LoRA, the UNet parameters that require grad are saved (all of them after
+    :func:`apply_lora`). Tensors are detached, contiguous CPU copies.
     """
     out: Dict[str, torch.Tensor] = {}
     if has_lora(unet):
@@ -158,6 +160,7 @@ def trainable_metadata(
 ) -> Dict[str, str]:
     """String metadata describing the shapes the trainable weights belong to."""
     meta = {"format": FORMAT, "lora": str(has_lora(unet))}
+    meta["unet_trainable"] = "lora" if has_lora(unet) else "all"
     if has_lora(unet):
         config = unet.peft_config[_ADAPTER_NAME]
         meta["rank"] = str(int(config.r))
@@ -214,8 +217,8 @@ def load_trainable_state_dict(
         )
     expected = trainable_metadata(unet, implicit)
     for key, value in expected.items():
-        if key == "format":
-            continue
+        if key == "format" or (key == "unet_trainable" and key not in meta and value == "lora"):
+            continue  # files written before the key existed carry LoRA
         if meta.get(key) != value:
             raise ValueError(
                 f"{path}: metadata {key!r} is {meta.get(key)!r} but the model has {value!r}"
@@ -252,6 +255,12 @@ def _load_unet_part(path: str, unet: torch.nn.Module, tensors: Dict[str, torch.T
     unknown = sorted(set(full) - set(params))
     if unknown:
         raise ValueError(f"{path}: UNet parameters {unknown[:3]} do not exist in the model")
+    missing = sorted(set(params) - set(full))
+    if missing:
+        raise ValueError(
+            f"{path}: the full fine-tuning file lacks UNet parameters {missing[:3]} "
+            f"({len(missing)} in all)"
+        )
     with torch.no_grad():
         for name, value in full.items():
             if params[name].shape != value.shape:
