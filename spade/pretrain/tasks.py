@@ -26,7 +26,7 @@ from .clip import (
 )
 from .corpus import CORPUS_SEED_OFFSET, Corpus, CorpusSpec, build_corpus, check_disjoint
 from .engine import register_task
-from .manifest import code_commit, verify_model_folder, write_manifest
+from .manifest import verify_model_folder, write_manifest
 from .vae import VaePretrainModel, measure_latent_scale, to_vae_input, vae_batches, vae_config
 
 __all__ = ["corpus_of", "training_info"]
@@ -60,7 +60,7 @@ def training_info(cfg, trainer) -> dict:
         "wall_time_s": round(trainer.wall_clock.seconds, 1),
         "device": str(cfg.MODEL.DEVICE),
         "torch_threads": torch.get_num_threads(),
-        "code_commit": code_commit(),
+        "code_commit": trainer.code_commit,
     }
 
 
