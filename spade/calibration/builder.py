@@ -39,6 +39,7 @@ from .teacher import TeacherMapCache, TeacherMapGenerator, module_fingerprint, t
 __all__ = [
     "build_calibration_parts",
     "build_teacher_cache",
+    "teacher_generator",
     "calibration_items",
     "CalibrationDatasetMapper",
     "build_calibration_train_loader",
@@ -70,25 +71,8 @@ def build_calibration_parts(cfg) -> Dict:
     diffusion.vae.to(device)
     clip.model.to(device)
     implicit.to(device)
-    context_length = int(tokenize_length(clip))
-    teacher = TeacherMapGenerator(
-        unet=unet,
-        vae=diffusion.vae,
-        latent_scale=diffusion.latent_scale,
-        scheduler=diffusion.scheduler,
-        encode_text=functools.partial(encode_text_tokens, clip),
-        encode_ids=clip.tokenizer.encode,
-        context_length=context_length,
-        num_steps=int(c.NUM_INFERENCE_STEPS),
-        inversion=str(c.INVERSION).lower(),
-        sampler=str(c.SAMPLER).lower(),
-        noise=str(c.NOISE).lower(),
-        guidance_scale=float(c.GUIDANCE_SCALE),
-        capture_steps=[int(s) for s in c.CAPTURE_TIMESTEPS],
-        resolution=int(c.MAP_RESOLUTION),
-        normalization=str(c.MAP_NORMALIZATION),
-        template=str(c.PROMPT_TEMPLATE),
-        teacher_mode=functools.partial(lora_disabled, unet),
+    teacher = teacher_generator(
+        cfg, diffusion, clip, unet, teacher_mode=functools.partial(lora_disabled, unet)
     )
     return {
         "unet": unet,
@@ -101,6 +85,35 @@ def build_calibration_parts(cfg) -> Dict:
         "lambda_cal": float(c.LAMBDA),
         "student_map_source": str(c.STUDENT_MAPS),
     }
+
+
+def teacher_generator(cfg, diffusion, clip, unet, **overrides) -> TeacherMapGenerator:
+    """The teacher of ``unet`` with the CALIBRATION settings of ``cfg``; ``overrides`` replace
+    any of them (e.g. ``inversion="ddim"``, ``noise="random"``: the stage-0 gates compare
+    teachers this way) or set ``teacher_mode``."""
+    c = cfg.CALIBRATION
+    settings = dict(
+        num_steps=int(c.NUM_INFERENCE_STEPS),
+        inversion=str(c.INVERSION).lower(),
+        sampler=str(c.SAMPLER).lower(),
+        noise=str(c.NOISE).lower(),
+        guidance_scale=float(c.GUIDANCE_SCALE),
+        capture_steps=[int(s) for s in c.CAPTURE_TIMESTEPS],
+        resolution=int(c.MAP_RESOLUTION),
+        normalization=str(c.MAP_NORMALIZATION),
+        template=str(c.PROMPT_TEMPLATE),
+    )
+    settings.update(overrides)
+    return TeacherMapGenerator(
+        unet=unet,
+        vae=diffusion.vae,
+        latent_scale=diffusion.latent_scale,
+        scheduler=diffusion.scheduler,
+        encode_text=functools.partial(encode_text_tokens, clip),
+        encode_ids=clip.tokenizer.encode,
+        context_length=int(tokenize_length(clip)),
+        **settings,
+    )
 
 
 def tokenize_length(clip) -> int:

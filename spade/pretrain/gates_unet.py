@@ -18,7 +18,6 @@ score of each sample with its own prompt vs with the other prompts.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from typing import Dict, List
@@ -59,35 +58,6 @@ def _stage1_cfg(cfg, sd_folder: str):
     c.MODEL.SPADE.CLIP.PRETRAINED = str(cfg.PRETRAIN.UNET.CLIP)
     c.MODEL.DEVICE = "cpu"
     return c
-
-
-def _teacher(c, diffusion, clip, unet, **overrides):
-    from spade.calibration.teacher import TeacherMapGenerator
-    from spade.modeling.backbone.loading import encode_text_tokens
-
-    k = c.CALIBRATION
-    settings = dict(
-        num_steps=int(k.NUM_INFERENCE_STEPS),
-        inversion=str(k.INVERSION),
-        sampler=str(k.SAMPLER),
-        noise=str(k.NOISE),
-        guidance_scale=float(k.GUIDANCE_SCALE),
-        capture_steps=[int(s) for s in k.CAPTURE_TIMESTEPS],
-        resolution=int(k.MAP_RESOLUTION),
-        normalization=str(k.MAP_NORMALIZATION),
-        template=str(k.PROMPT_TEMPLATE),
-    )
-    settings.update(overrides)
-    return TeacherMapGenerator(
-        unet=unet,
-        vae=diffusion.vae,
-        latent_scale=diffusion.latent_scale,
-        scheduler=diffusion.scheduler,
-        encode_text=functools.partial(encode_text_tokens, clip),
-        encode_ids=clip.tokenizer.encode,
-        context_length=int(clip.tokenizer(["x"]).shape[-1]),
-        **settings,
-    )
 
 
 def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets: int, limit: int):
@@ -193,6 +163,7 @@ def unet_gates(cfg, sd_folder: str, images: List[ValImage]) -> Dict:
     """Pointing game (4 teachers) and generation sanity of the SD folder ``sd_folder``."""
     from diffusers import UNet2DConditionModel
 
+    from spade.calibration.builder import teacher_generator
     from spade.modeling.backbone.loading import build_clip, build_diffusion_parts
 
     c = _stage1_cfg(cfg, sd_folder)
@@ -205,14 +176,16 @@ def unet_gates(cfg, sd_folder: str, images: List[ValImage]) -> Dict:
         torch.manual_seed(int(cfg.SEED))
         random_unet = UNet2DConditionModel.from_config(diffusion.unet.config).eval()
     teachers = {
-        "pretrained_belm": _teacher(
+        "pretrained_belm": teacher_generator(
             c, diffusion, clip, diffusion.unet, inversion="belm", sampler="belm"
         ),
-        "pretrained_ddim": _teacher(
+        "pretrained_ddim": teacher_generator(
             c, diffusion, clip, diffusion.unet, inversion="ddim", sampler="ddim"
         ),
-        "pretrained_random_noise": _teacher(c, diffusion, clip, diffusion.unet, noise="random"),
-        "random_unet_belm": _teacher(
+        "pretrained_random_noise": teacher_generator(
+            c, diffusion, clip, diffusion.unet, noise="random"
+        ),
+        "random_unet_belm": teacher_generator(
             c, diffusion, clip, random_unet, inversion="belm", sampler="belm"
         ),
     }

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
+from spade.modeling.backbone.loading import autoencoder_kl_config
+
 from .corpus import Corpus
 
 __all__ = ["vae_config", "VaePretrainModel", "vae_batches", "measure_latent_scale", "psnr"]
@@ -25,19 +27,12 @@ __all__ = ["vae_config", "VaePretrainModel", "vae_batches", "measure_latent_scal
 def vae_config(cfg) -> dict:
     """AutoencoderKL kwargs from PRETRAIN.VAE (downsampling factor 2^(levels - 1))."""
     v = cfg.PRETRAIN.VAE
-    channels = tuple(int(c) for c in v.BLOCK_OUT_CHANNELS)
-    n = len(channels)
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=channels,
-        layers_per_block=int(v.LAYERS_PER_BLOCK),
-        latent_channels=int(v.LATENT_CHANNELS),
-        norm_num_groups=min(32, min(channels)),
+    return autoencoder_kl_config(
+        v.BLOCK_OUT_CHANNELS,
+        v.LAYERS_PER_BLOCK,
+        v.LATENT_CHANNELS,
         sample_size=int(cfg.PRETRAIN.CORPUS.IMAGE_SIZE),
-        scaling_factor=1.0,
+        scaling_factor=1.0,  # measured after training (measure_latent_scale)
     )
 
 

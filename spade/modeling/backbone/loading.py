@@ -57,6 +57,7 @@ __all__ = [
     "vae_downsample_factor",
     "tiny_unet_config",
     "tiny_vae_config",
+    "autoencoder_kl_config",
     "tiny_clip_model",
 ]
 
@@ -148,7 +149,20 @@ def tiny_unet_config(cfg: CfgNode) -> dict:
 def tiny_vae_config(cfg: CfgNode) -> dict:
     """AutoencoderKL kwargs of the TINY preset (downsampling 2^(len(VAE_BLOCK_OUT_CHANNELS)-1))."""
     t = cfg.MODEL.SPADE.DIFFUSION.TINY
-    channels = tuple(int(c) for c in t.VAE_BLOCK_OUT_CHANNELS)
+    return autoencoder_kl_config(
+        t.VAE_BLOCK_OUT_CHANNELS, 1, t.LATENT_CHANNELS, sample_size=64, scaling_factor=0.18215
+    )
+
+
+def autoencoder_kl_config(
+    channels: Sequence[int],
+    layers_per_block: int,
+    latent_channels: int,
+    sample_size: int,
+    scaling_factor: float,
+) -> dict:
+    """AutoencoderKL kwargs of SD's VAE layout with ``len(channels) - 1`` downsamplings."""
+    channels = tuple(int(c) for c in channels)
     n = len(channels)
     return dict(
         in_channels=3,
@@ -156,11 +170,11 @@ def tiny_vae_config(cfg: CfgNode) -> dict:
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
         block_out_channels=channels,
-        layers_per_block=1,
-        latent_channels=int(t.LATENT_CHANNELS),
+        layers_per_block=int(layers_per_block),
+        latent_channels=int(latent_channels),
         norm_num_groups=_group_count(channels),
-        sample_size=64,
-        scaling_factor=0.18215,
+        sample_size=int(sample_size),
+        scaling_factor=float(scaling_factor),
     )
 
 
