@@ -37,20 +37,6 @@ def test_paper_schedule_of_the_psg_config():
     assert cfg.SOLVER.STEPS[0] == pytest.approx(0.75 * cfg.SOLVER.MAX_ITER, abs=1)
 
 
-# Configs still being changed elsewhere; they join RESTATE_CHECKED once cleaned.
-NOT_YET_CLEANED = (
-    "synthetic",
-    "quick_schedules",
-    "calibration/SynthPSG-Tiny.yaml",
-    "calibration/Instant-SynthPSG.yaml",
-)
-RESTATE_CHECKED = [
-    p
-    for p in CONFIGS
-    if not os.path.relpath(p, os.path.join(ROOT, "configs")).startswith(NOT_YET_CLEANED)
-]
-
-
 def _leaf_keys(node, prefix=()):
     for key, value in node.items():
         if isinstance(value, dict):
@@ -84,7 +70,7 @@ def restated_keys(path):
     ]
 
 
-@pytest.mark.parametrize("path", RESTATE_CHECKED, ids=lambda p: os.path.relpath(p, ROOT))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_config_does_not_restate_its_base(path):
     assert restated_keys(path) == [], "these keys repeat the base's value; delete them"
 
