@@ -75,7 +75,7 @@ class PretrainTrainer(DefaultTrainer):
     """DefaultTrainer for ``PRETRAIN.TASK`` (see module doc)."""
 
     def __init__(self, cfg):
-        from .manifest import code_commit
+        from spade.utils.manifest import code_commit
 
         self.wall_clock = WallClock()
         self.code_commit = code_commit()  # the code this run trains with (not the export's HEAD)

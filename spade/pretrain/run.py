@@ -17,9 +17,10 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 
+from spade.utils.manifest import read_manifest, write_manifest
+
 from .config import add_pretrain_config
 from .engine import PretrainTrainer, get_task
-from .manifest import read_manifest, write_manifest
 from .tasks import training_info
 
 __all__ = ["setup_pretrain_cfg", "run_pretraining", "measure_and_record_gates"]

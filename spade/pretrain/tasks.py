@@ -6,7 +6,7 @@ Exports (``PRETRAIN.EXPORT_DIR``):
 * ``vae``: ``<EXPORT_DIR>/vae/`` of a diffusers Stable Diffusion folder;
 * ``unet``: ``<EXPORT_DIR>/unet/``, ``scheduler/`` and ``model_index.json`` of the same folder,
   which ``MODEL.SPADE.DIFFUSION.PRETRAINED`` names.
-Each exported folder gets a manifest (spade.pretrain.manifest).
+Each exported folder gets a manifest (spade.utils.manifest).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from spade.utils.manifest import verify_model_folder, write_manifest
 
 from .clip import (
     CONFIG_NAME,
@@ -26,7 +28,6 @@ from .clip import (
 )
 from .corpus import CORPUS_SEED_OFFSET, Corpus, CorpusSpec, build_corpus, check_disjoint
 from .engine import register_task
-from .manifest import verify_model_folder, write_manifest
 from .vae import VaePretrainModel, measure_latent_scale, to_vae_input, vae_batches, vae_config
 
 __all__ = ["corpus_of", "training_info"]

@@ -41,8 +41,22 @@ def overfit_cfg(root):
             root,
             "MODEL.SPADE.RELATION.ENABLED",
             False,
+            # the head's capacity needs no knowledge: the random TINY preset, not the shipped models
+            "MODEL.SPADE.PRESET",
+            "TINY",
+            "MODEL.SPADE.DIFFUSION.PRETRAINED",
+            "",
+            "MODEL.SPADE.DIFFUSION.FEATURE_BLOCKS",
+            ["up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3"],
+            "MODEL.SPADE.CLIP.MODEL_NAME",
+            "TINY",
+            "MODEL.SPADE.CLIP.PRETRAINED",
+            "",
             "MODEL.SPADE.OPEN_VOCAB.USE_CLIP_BRANCH",  # the random TINY CLIP knows no classes
             False,
+            # its text embeddings are nearly collinear: start at CLIP's largest temperature
+            "MODEL.SPADE.OPEN_VOCAB.LOGIT_SCALE_INIT",
+            4.6,
             "MODEL.SPADE.MASK_HEAD.NUM_OBJECT_QUERIES",
             12,
             "MODEL.SPADE.MASK_HEAD.DEC_LAYERS",

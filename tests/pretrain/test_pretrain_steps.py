@@ -13,7 +13,7 @@ from pretrain_helpers import tiny_cfg
 from spade.config import add_spade_config
 from spade.modeling.backbone.loading import build_clip, build_diffusion_parts, encode_text_tokens
 from spade.pretrain import add_pretrain_config, run_pretraining
-from spade.pretrain.manifest import read_manifest
+from spade.utils.manifest import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = {
@@ -126,3 +126,16 @@ def test_teacher_text_is_padded_with_the_end_of_text_token_as_sd():
     words = clip.tokenizer.encode("circle is left of square")
     assert tokens[1 : 1 + len(words)].tolist() == words
     assert (tokens[1 + len(words) :] == 49407).all()  # end of text, then its padding
+
+
+def test_shipped_model_paths_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    from spade.modeling.backbone.loading import resolve_weights_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_weights_path("models/synthpsg-tiny-sd") == os.path.join(
+        ROOT, "models", "synthpsg-tiny-sd"
+    )
+    assert (
+        resolve_weights_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
+    )
+    assert resolve_weights_path("") == ""

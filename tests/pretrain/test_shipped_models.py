@@ -16,7 +16,7 @@ from detectron2.config import get_cfg
 
 from spade.pretrain import add_pretrain_config
 from spade.pretrain.gates import vae_gates, val_images
-from spade.pretrain.manifest import verify_model_folder
+from spade.utils.manifest import verify_model_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SD = os.path.join(ROOT, "models", "synthpsg-tiny-sd")

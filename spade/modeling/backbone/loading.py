@@ -40,7 +40,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.tokenizer import SimpleTokenizer
 
-from spade.pretrain.manifest import verify_model_folder
+from spade.utils.manifest import verify_model_folder
 
 __all__ = [
     "DiffusionParts",
@@ -48,6 +48,8 @@ __all__ = [
     "build_diffusion_parts",
     "build_clip",
     "load_clip_folder",
+    "resolve_weights_path",
+    "clip_model_config",
     "check_text_conditioning",
     "tokenize",
     "sd_tokenize",
@@ -214,7 +216,7 @@ def build_diffusion_parts(cfg: CfgNode) -> DiffusionParts:
     hub id, and ValueError when ``MODEL.SPADE.PRESET`` is "PRETRAINED" without weights.
     """
     d = cfg.MODEL.SPADE.DIFFUSION
-    source = str(d.PRETRAINED)
+    source = resolve_weights_path(str(d.PRETRAINED))
     dtype = _dtype(d.DTYPE, "MODEL.SPADE.DIFFUSION.DTYPE")
     if not source:
         _require_not_pretrained_preset(cfg, "MODEL.SPADE.DIFFUSION.PRETRAINED")
@@ -298,7 +300,7 @@ def build_clip(cfg: CfgNode) -> ClipParts:
     an open_clip pretrained tag of ``CLIP.MODEL_NAME``.
     """
     c = cfg.MODEL.SPADE.CLIP
-    name, pretrained = str(c.MODEL_NAME), str(c.PRETRAINED)
+    name, pretrained = str(c.MODEL_NAME), resolve_weights_path(str(c.PRETRAINED))
     if pretrained and os.path.isdir(pretrained):
         model, tokenizer, mean, std = _load_open_clip_folder(name, pretrained)
     elif name == "TINY":
@@ -335,6 +337,18 @@ def build_clip(cfg: CfgNode) -> ClipParts:
         mean = tuple(pp.get("mean", OPENAI_DATASET_MEAN))
         std = tuple(pp.get("std", OPENAI_DATASET_STD))
     return _clip_parts(model, tokenizer, mean, std)
+
+
+def clip_model_config(cfg: CfgNode):
+    """open_clip ``model_cfg`` of MODEL.SPADE.CLIP without loading weights: the folder's
+    open_clip_config.json when CLIP.PRETRAINED is an open_clip hub folder, else the built-in
+    config of CLIP.MODEL_NAME (None when neither exists)."""
+    folder = resolve_weights_path(str(cfg.MODEL.SPADE.CLIP.PRETRAINED))
+    config_path = os.path.join(folder, "open_clip_config.json")
+    if folder and os.path.isfile(config_path):
+        with open(config_path) as f:
+            return json.load(f).get("model_cfg")
+    return open_clip.get_model_config(str(cfg.MODEL.SPADE.CLIP.MODEL_NAME))
 
 
 def load_clip_folder(folder: str, name: str = "") -> ClipParts:
@@ -481,6 +495,19 @@ def _is_tiny_clip(cfg: CfgNode) -> bool:
 def _require_not_pretrained_preset(cfg: CfgNode, key: str) -> None:
     if str(cfg.MODEL.SPADE.PRESET) == "PRETRAINED":
         raise ValueError(f"MODEL.SPADE.PRESET is 'PRETRAINED' but {key} is empty")
+
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+
+
+def resolve_weights_path(path: str) -> str:
+    """A relative weights path that does not exist from the working directory but does from the
+    repository root (the shipped ``models/...`` folders) resolves there; anything else (absolute
+    paths, hub ids, tags, "") is returned unchanged."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    candidate = os.path.join(os.path.abspath(_REPO_ROOT), path)
+    return candidate if os.path.exists(candidate) else path
 
 
 def _check_source(source: str, key: str) -> None:

@@ -49,9 +49,9 @@ def relation_text_dim(cfg) -> int:
         return int(cfg.MODEL.SPADE.RELATION.TEXT_DIM)
     if cfg.MODEL.SPADE.CLIP.MODEL_NAME == "TINY":
         return int(cfg.MODEL.SPADE.CLIP.TINY.EMBED_DIM)
-    import open_clip  # reads the model's json config only; no weights
+    from spade.modeling.backbone.loading import clip_model_config  # json only; no weights
 
-    model_cfg = open_clip.get_model_config(cfg.MODEL.SPADE.CLIP.MODEL_NAME)
+    model_cfg = clip_model_config(cfg)
     if model_cfg is None:
         raise ValueError(
             f"cannot infer the CLIP embed dim of MODEL.SPADE.CLIP.MODEL_NAME="
