@@ -22,14 +22,14 @@ ROOT = os.path.dirname(HERE)
 # name -> (script, full arguments, quick arguments)
 BENCHMARKS = {
     "inference": ("bench_inference.py", [], ["--presets", "tiny"]),
-    "evaluator": ("bench_evaluator.py", ["--num-images", "1000"], ["--num-images", "200"]),
+    "evaluator": ("bench_evaluator.py", ["--num-images", "300"], ["--num-images", "60"]),
     "relation_head": ("bench_relation_head.py", [], ["--queries", "25", "50", "100"]),
     "backbone": ("bench_backbone.py", [], ["--presets", "tiny"]),
     "teacher": ("bench_teacher.py", [], ["--models", "tiny"]),
 }
 TITLES = {
     "inference": "Whole-model inference per image (panoptic + scene graph), batch 1",
-    "evaluator": "PSG evaluator throughput (SynthPSG, 100 ranked triplets per image)",
+    "evaluator": "File-based PSG evaluator, whole process (480x640, 128x128; 150 triplets/image)",
     "relation_head": "Relation head scaling with the number of object queries Q",
     "backbone": "Diffusion backbone forward (512x512)",
     "teacher": "Stage-1 teacher-map throughput",
