@@ -23,6 +23,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from detectron2.utils import comm
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from torch import nn
@@ -136,7 +137,7 @@ def clip_batches(
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Endless seeded batches of (image or one-thing crop, caption) pairs from the corpus."""
     tokenizer = open_clip.get_tokenizer("ViT-L-14")  # the unchanged open_clip BPE tokenizer
-    stream = corpus.iter_indices(seed)
+    stream = corpus.iter_indices(seed, comm.get_rank(), comm.get_world_size())
     step = 0
     while True:
         rng = np.random.default_rng([seed, step, 7])

@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List
 import numpy as np
 import torch
 import torch.nn.functional as F
+from detectron2.utils import comm
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from torch import nn
 
@@ -120,7 +121,10 @@ class LatentCache:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         meta = f"{path}.meta"
         key = f"{shape} {self.scale!r}"
-        fresh = not (os.path.isfile(path) and os.path.isfile(meta) and open(meta).read() == key)
+        fresh = True
+        if os.path.isfile(path) and os.path.isfile(meta):
+            with open(meta) as f:
+                fresh = f.read() != key
         mode = "w+" if fresh else "r+"
         self.latents = np.lib.format.open_memmap(path, mode=mode, dtype=np.float16, shape=shape)
         self.done = np.lib.format.open_memmap(
@@ -154,7 +158,7 @@ def unet_batches(
 ) -> Iterator[Dict]:
     """Endless seeded batches of (scaled latents, caption or "" with prob caption_dropout) from
     the first ``num_images`` corpus images (0 = all)."""
-    stream = corpus.iter_indices(seed, limit=num_images)
+    stream = corpus.iter_indices(seed, comm.get_rank(), comm.get_world_size(), limit=num_images)
     step = 0
     while True:
         rng = np.random.default_rng([seed, step, 13])

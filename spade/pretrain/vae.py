@@ -14,6 +14,7 @@ from typing import Dict, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from detectron2.utils import comm
 from diffusers import AutoencoderKL
 from torch import nn
 
@@ -71,7 +72,7 @@ def vae_batches(
     corpus: Corpus, batch_size: int, crop_size: int, seed: int
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Endless seeded batches of random ``crop_size`` crops of corpus images."""
-    stream = corpus.iter_indices(seed)
+    stream = corpus.iter_indices(seed, comm.get_rank(), comm.get_world_size())
     size = corpus.spec.image_size
     if not 8 <= crop_size <= size:
         raise ValueError(f"PRETRAIN.VAE.CROP_SIZE={crop_size} must be in [8, {size}]")
