@@ -15,7 +15,6 @@ masks (``clip_dense_features``): what the contrastive loss aligns with text is w
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Iterator, List
 
@@ -177,14 +176,3 @@ def export_open_clip(clip: nn.Module, model_cfg: dict, preprocess_cfg: dict, fol
         indent=2,
     )
     return weights
-
-
-def load_exported_clip(folder: str) -> nn.Module:
-    """The exported CLIP through open_clip's own hub-folder path (eval mode, fp32)."""
-    model = open_clip.create_model(f"local-dir:{folder}", precision="fp32")
-    return model.eval()
-
-
-def read_model_config(folder: str) -> dict:
-    with open(os.path.join(folder, CONFIG_NAME)) as f:
-        return json.load(f)["model_cfg"]

@@ -21,7 +21,6 @@ from typing import Dict
 
 import torch
 from detectron2.engine import DefaultTrainer, HookBase
-from detectron2.utils import comm
 
 from spade.engine.checkpoint import SafetensorsCheckpointer
 
@@ -126,6 +125,3 @@ class PretrainTrainer(DefaultTrainer):
     def unwrapped_model(self):
         model = self.model
         return model.module if hasattr(model, "module") else model
-
-    def is_main_process(self) -> bool:
-        return comm.is_main_process()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from spade.utils.manifest import verify_model_folder, write_manifest
@@ -112,19 +113,12 @@ class VaeTask:
         folder = os.path.join(_export_dir(cfg), "vae")
         vae = model.vae.eval()
         corpus = corpus_of(cfg)
-        probe = to_vae_input(corpus_images(corpus, 64))
+        probe = to_vae_input(np.stack([corpus.image(i) for i in range(min(64, len(corpus)))]))
         vae.register_to_config(scaling_factor=measure_latent_scale(vae, probe))
         vae.save_pretrained(folder, safe_serialization=True)
         info = dict(info, latent_scale=float(vae.config.scaling_factor))
         write_manifest(folder, ["config.json", "diffusion_pytorch_model.safetensors"], info)
         return folder
-
-
-def corpus_images(corpus: Corpus, n: int):
-    """The first ``n`` corpus images, uint8 [n, S, S, 3] (a seeded probe set)."""
-    import numpy as np
-
-    return np.stack([corpus.image(i) for i in range(min(n, len(corpus)))])
 
 
 @register_task("unet")
