@@ -189,6 +189,11 @@ def _add_model_config(cfg: CN) -> None:
     s.RELATION.POOL_FEATURE = "mask_features"  # map in `features` pooled under the joint mask
     s.RELATION.TEXT_DIM = 0  # D of predicate text embeddings; 0 = the CLIP model's embed dim
     s.RELATION.NUM_PREDICATES = 0  # closed-set predicate classes (no text); 0 = DATASETS.TRAIN[0]'s
+    # predicate fusion exponents (P = P_diff^a * P_clip^(1-a)); -1 = OPEN_VOCAB.FUSION_ALPHA /
+    # _BETA. Apart from the object ones they isolate the predicate branches (ablations: 1 =
+    # diffusion/RGT branch only, 0 = CLIP joint-mask branch only) with object scoring unchanged.
+    s.RELATION.FUSION_ALPHA = -1.0
+    s.RELATION.FUSION_BETA = -1.0
     s.RELATION.CLIP_TEMPERATURE = 100.0  # logit scale of the CLIP joint-mask predicate branch
 
 
@@ -283,6 +288,10 @@ def validate_spade_config(cfg: CN) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ValueError(f"{key} = {value!r} is not one of {list(allowed)}")
+    for key in ("MODEL.SPADE.RELATION.FUSION_ALPHA", "MODEL.SPADE.RELATION.FUSION_BETA"):
+        value = _get(cfg, key)
+        if value != -1.0 and not 0.0 <= value <= 1.0:
+            raise ValueError(f"{key} = {value!r} must be in [0, 1], or -1 (OPEN_VOCAB's value)")
     for key, (low, high) in _RANGES.items():
         value = _get(cfg, key)
         if (low is not None and value < low) or (high is not None and value > high):

@@ -397,6 +397,12 @@ CASES = [
         ValueError,
         ["MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA", "1.5"],
     ),
+    (
+        "predicate fusion out of range",
+        _cfg_case(opts=["MODEL.SPADE.RELATION.FUSION_BETA", "-0.5"]),
+        ValueError,
+        ["MODEL.SPADE.RELATION.FUSION_BETA", "-0.5", "-1"],
+    ),
     # checkpoints (MODEL.WEIGHTS through SafetensorsCheckpointer)
     (
         "weights missing",

@@ -63,6 +63,12 @@ def main(argv=None) -> int:
     p.add_argument("--stage1-iters", type=int, default=0, help="override stage-1 iterations")
     p.add_argument("--stage2-iters", type=int, default=0, help="override stage-2 iterations")
     p.add_argument("--num-vis", type=int, default=4, help="val images to visualise")
+    p.add_argument(
+        "--eval-period",
+        type=int,
+        default=250,
+        help="evaluate synthpsg_val every N stage-2 iterations (learning curve; 0 = never)",
+    )
     args = p.parse_args(argv)
 
     out = os.path.abspath(args.output)
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
     if os.path.isfile(final):
         print(f"reusing {final}", flush=True)
     else:
-        opts = ["OUTPUT_DIR", stage2, "TEST.EVAL_PERIOD", "0"] + common
+        opts = ["OUTPUT_DIR", stage2, "TEST.EVAL_PERIOD", str(args.eval_period)] + common
         if args.stage2_iters:
             opts += ["SOLVER.MAX_ITER", str(args.stage2_iters)]
         cmd = [py, "projects/SPADE/train_net.py", "--config-file", STAGE2_CONFIG, "--resume"]
@@ -112,6 +118,7 @@ def main(argv=None) -> int:
     cmd = [py, "projects/SPADE/train_net.py", "--config-file", STAGE2_CONFIG, "--eval-only"]
     opts = ["OUTPUT_DIR", eval_dir, "MODEL.WEIGHTS", final, "DATASETS.TEST", "('synthpsg_val',)"]
     _run(cmd + opts + common, "eval", out)
+    _learning_curve(stage2, eval_dir)
 
     _banner("5/5 visualisations")
     vis_dir = os.path.join(out, "vis")
@@ -136,6 +143,33 @@ def main(argv=None) -> int:
     return 0
 
 
+def _learning_curve(stage2: str, eval_dir: str) -> None:
+    """OUT/stage2/learning_curve.png: the periodic val evaluations of stage 2 + the final one."""
+    from spade.evaluation.report import plot_learning_curve
+
+    metrics = os.path.join(stage2, "metrics.json")
+    final = glob.glob(os.path.join(eval_dir, "inference", "*", "psg_evaluation.json"))
+    if not os.path.isfile(metrics):
+        return
+    result, last_iter = None, 0
+    if final:
+        with open(final[0]) as f:
+            result = json.load(f)
+        import yaml
+
+        with open(os.path.join(stage2, "config.yaml")) as f:
+            last_iter = int(yaml.safe_load(f)["SOLVER"]["MAX_ITER"])
+    path = plot_learning_curve(
+        metrics,
+        os.path.join(stage2, "learning_curve.png"),
+        "SPADE stage 2 on SynthPSG: synthpsg_val during training",
+        final=result,
+        final_iteration=last_iter,
+    )
+    if path:
+        print(f"Learning curve: {path}", flush=True)
+
+
 def _fmt(value) -> str:
     return "   n/a" if value is None else f"{value:6.2f}"
 
@@ -155,12 +189,17 @@ def _print_table(result_files) -> None:
         psg = res.get("psg") if isinstance(res, dict) else None
         if not isinstance(psg, dict) or "R@50" not in psg:
             continue
+        single = res.get("psg_single") or {}
         print(f"\nSynthPSG val ({os.path.relpath(path)}):")
-        print(f"  {'metric':<8}{'value':>6}  {'strict':>6}")
+        print(f"  {'metric':<8}{'value':>6}  {'strict':>6}  {'single-MPO':>10}")
         for key in TABLE_KEYS:
-            print(f"  {key:<8}{_fmt(psg[key])}  {_fmt(psg.get(key + '_strict'))}")
+            print(
+                f"  {key:<8}{_fmt(psg[key])}  {_fmt(psg.get(key + '_strict'))}  "
+                f"{_fmt(single.get(key)):>10}"
+            )
         n, n_all = int(psg.get("num_images", 0)), int(psg.get("num_images_strict", 0))
-        print(f"  images with predicted relations: {n} of {n_all}")
+        share = 100.0 * n / n_all if n_all else 0.0
+        print(f"  images with predicted relations: {n} of {n_all} ({share:.0f} %)")
         pan = res.get("panoptic_seg", {})
         for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
             if key in pan:

@@ -19,7 +19,6 @@ import logging
 import os
 
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 
 from spade.calibration.trainer import CalibrationTrainer
 from spade.calibration.visualize import draw_dataset_examples
@@ -31,9 +30,7 @@ logger = logging.getLogger("spade.calibration")
 
 def setup(args):
     """Config (defaults + YAML + opts, CPU fallback), logging, seeds, SynthPSG when used."""
-    cfg = setup_cfg(args)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="spade")
-    return cfg
+    return setup_cfg(args)
 
 
 def main(args):

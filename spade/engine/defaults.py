@@ -21,6 +21,7 @@ from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
+from detectron2.utils.logger import setup_logger
 
 from spade.config import add_spade_config, validate_spade_config
 from spade.provenance import resolve_calibrated_weights
@@ -53,6 +54,8 @@ def setup_cfg(args, *, freeze: bool = True, do_default_setup: bool = True) -> Cf
         cfg.freeze()
     if do_default_setup:
         default_setup(cfg, args)  # logger, config backup, seeds (cfg.SEED)
+        # SPADE's own loggers (spade.*) to the console and OUTPUT_DIR/log.txt, as detectron2's
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="spade")
     elif cfg.SEED >= 0:
         seed_all_rng(cfg.SEED)  # same seed, same randomly initialised parts
     prepare_datasets(cfg)

@@ -12,6 +12,7 @@ trainable parameters (as Mask2Former-style trainers do); ``value`` / ``norm`` us
 per-parameter clippers.
 """
 
+import logging
 from typing import Any, Dict, List, Type
 
 import torch
@@ -30,6 +31,8 @@ _NORM_TYPES = (
     nn.InstanceNorm2d,
     nn.LocalResponseNorm,
 )
+
+logger = logging.getLogger(__name__)
 
 
 # free learned vectors named like these are embeddings (e.g. the background text embedding)
@@ -90,6 +93,8 @@ def build_spade_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimiz
     )
     if not groups:
         raise ValueError("build_spade_optimizer: the model has no trainable parameters")
+    num = sum(p.numel() for g in groups for p in g["params"])
+    logger.info(f"Trainable parameters: {num} in {sum(len(g['params']) for g in groups)} tensors")
     name = solver.OPTIMIZER.upper()
     if name == "ADAMW":
         optim_cls, kwargs = torch.optim.AdamW, {"lr": solver.BASE_LR}

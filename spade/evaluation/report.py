@@ -109,3 +109,76 @@ def plot_per_predicate(per_predicate: Dict[str, Dict[str, float]], key: str, pat
         plt.close(fig)
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+CURVE_KEYS = ("psg/R@50", "psg/mR@50", "panoptic_seg/PQ", "panoptic_seg/PQ_th")
+
+
+def read_learning_curve(metrics_json: str, keys=CURVE_KEYS) -> Dict[str, list]:
+    """``{key: [(iteration, value), ...]}`` of the evaluations in a detectron2 ``metrics.json``
+    (one JSON object per line, as JSONWriter writes it; a torn last line of a killed run is
+    skipped, any other bad line is a ValueError naming the file and the line)."""
+    curves: Dict[str, list] = {k: [] for k in keys}
+    with open(metrics_json) as f:
+        lines = f.read().splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                break
+            raise ValueError(f"{metrics_json}: line {n} is not JSON") from None
+        for k in keys:
+            v = row.get(k)
+            if v is not None and "iteration" in row:
+                curves[k].append((int(row["iteration"]) + 1, float(v)))
+    return curves
+
+
+def plot_learning_curve(
+    metrics_json: str,
+    path: str,
+    title: str = "",
+    final: Optional[Mapping[str, Mapping[str, float]]] = None,
+    final_iteration: int = 0,
+) -> Optional[str]:
+    """PNG of val R@50 / mR@50 / PQ / PQ_th against training iterations (the periodic
+    evaluations of ``metrics_json``, plus ``final``: an evaluator result {task: {metric}} at
+    ``final_iteration``, e.g. the evaluation after training, which detectron2 does not write to
+    metrics.json); None when there is no point at all. Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = read_learning_curve(metrics_json)
+    for key in curves:
+        task, name = key.split("/", 1)
+        value = (final or {}).get(task, {}).get(name)
+        if value is not None and final_iteration > 0:
+            curves[key] = [p for p in curves[key] if p[0] != final_iteration]
+            curves[key].append((final_iteration, float(value)))
+    if not any(curves.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for key, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ys = [y if np.isfinite(y) else np.nan for y in ys]
+            ax.plot(xs, ys, marker="o", label=key.split("/", 1)[1])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("percent")
+    ax.set_title(title or "validation metrics during training", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -128,6 +128,21 @@ def test_clip_branch_is_fused_only_when_enabled():
     assert torch.isfinite(outs[True]).all()
 
 
+def test_predicate_fusion_exponents_override_open_vocab_ones():
+    """RELATION.FUSION_ALPHA / _BETA = 1 keep the diffusion/RGT branch alone (CLIP fed but
+    weighted 0); -1 inherits OPEN_VOCAB's 0.34, which does fuse."""
+    gen = torch.Generator().manual_seed(3)
+    clip = torch.randn(B, TEXT, 4, 4, generator=gen)
+    only_rgt = _head(FUSION_ALPHA=1.0, FUSION_BETA=1.0).eval()
+    inherit = _head().eval()
+    with torch.no_grad():
+        fused = only_rgt(**_inputs(), clip_features=clip)[0]["predicate_scores"]
+        plain = only_rgt(**_inputs())[0]["predicate_scores"]
+        inherited = inherit(**_inputs(), clip_features=clip)[0]["predicate_scores"]
+    assert torch.allclose(fused, plain, atol=1e-6)
+    assert not torch.allclose(inherited, fused)  # same seed, same weights: only fusion differs
+
+
 def test_chunked_scoring_equals_unchunked():
     big, small = _head(PAIR_CHUNK=4096).eval(), _head(PAIR_CHUNK=4).eval()
     with torch.no_grad():

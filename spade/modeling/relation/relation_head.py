@@ -205,8 +205,8 @@ class RGTRelationHead(nn.Module):
             "text_dim": relation_text_dim(cfg) if open_vocab else 0,
             "num_predicates": num_predicates,
             "logit_scale_init": cfg.MODEL.SPADE.OPEN_VOCAB.LOGIT_SCALE_INIT,
-            "fusion_alpha": cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA,
-            "fusion_beta": cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_BETA,
+            "fusion_alpha": _fusion(r.FUSION_ALPHA, cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA),
+            "fusion_beta": _fusion(r.FUSION_BETA, cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_BETA),
             "clip_temperature": r.CLIP_TEMPERATURE,
             "criterion": RelationCriterion(
                 rel_weight=r.REL_WEIGHT,
@@ -392,3 +392,8 @@ class PairMLPRelationHead(RGTRelationHead):
         args = super().from_config(cfg)
         args["baseline_pair_mlp"] = True
         return args
+
+
+def _fusion(relation_value: float, open_vocab_value: float) -> float:
+    """RELATION.FUSION_ALPHA / _BETA, or OPEN_VOCAB's value where they are -1."""
+    return open_vocab_value if relation_value == -1.0 else relation_value
