@@ -9,7 +9,7 @@ DEMO_OUT ?= output/demo
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo lint test bench clean pretrain
+.PHONY: install demo lint test bench clean pretrain ablations
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ pretrain: install
 	vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
 	test $$vae -eq 0
 	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS)
+
+# The paper's ablations in miniature (docs/ABLATIONS.md): cached runs, so a second call only prints
+# the table; ABLATION_ARGS=--quick for a smoke test, --only TABLE to run some tables.
+ablations: install
+	$(PY) tools/run_ablations.py $(ABLATION_ARGS)
 
 # Formatter and linter (ruff.toml: 100 columns, pyflakes, pycodestyle, isort).
 lint: install
