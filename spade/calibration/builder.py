@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.data import (
@@ -133,10 +133,16 @@ def build_teacher_cache(cfg, model) -> TeacherMapCache:
 
 
 def calibration_items(
-    cfg, dataset_name: str, drop_empty: bool = True, max_images: int = 0
+    cfg,
+    dataset_name: str,
+    drop_empty: bool = True,
+    max_images: int = 0,
+    exclude_names: Iterable[str] = (),
 ) -> List[Tuple[dict, list]]:
     """``(dataset dict, triplet names)`` of a registered PSG-style dataset (the first
-    ``max_images`` kept ones when > 0)."""
+    ``max_images`` kept ones when > 0). Triplets naming any of ``exclude_names`` (e.g. the novel
+    names of an open-vocabulary setting) are left out before the first
+    CALIBRATION.MAX_TRIPLETS_PER_IMAGE are taken."""
     meta = MetadataCatalog.get(dataset_name)
     for key in ("thing_classes", "stuff_classes", "predicate_classes"):
         if not hasattr(meta, key):
@@ -144,11 +150,20 @@ def calibration_items(
     classes = list(meta.thing_classes) + list(meta.stuff_classes)
     predicates = list(meta.predicate_classes)
     k = int(cfg.CALIBRATION.MAX_TRIPLETS_PER_IMAGE)
-    items = [
-        (d, triplet_names(d, classes, predicates, k)) for d in DatasetCatalog.get(dataset_name)
-    ]
+    excluded = set(exclude_names)
+    items = []
+    for d in DatasetCatalog.get(dataset_name):
+        triplets = triplet_names(d, classes, predicates, len(d.get("relations", [])))
+        triplets = [t for t in triplets if not excluded.intersection(t)]
+        items.append((d, triplets[:k]))
     items = [it for it in items if it[1] or not drop_empty]
     return items[:max_images] if max_images > 0 else items
+
+
+def novel_names(dataset_name: str) -> List[str]:
+    """The novel object and predicate names of a dataset's open-vocabulary split ([] if none)."""
+    ov = MetadataCatalog.get(dataset_name).get("ov_split", None) or {}
+    return sorted(set(ov.get("novel_objects", [])) | set(ov.get("novel_predicates", [])))
 
 
 class CalibrationDatasetMapper:

@@ -36,6 +36,7 @@ from .builder import (
     build_teacher_cache,
     calibration_items,
     calibration_record_of,
+    novel_names,
 )
 from .model import CalibrationModel
 
@@ -80,8 +81,15 @@ class CalibrationTrainer(SPADETrainer):
         eval_name = cfg.CALIBRATION.EVAL_DATASET or (
             cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else ""
         )
+        # held out: the same vocabulary as training (the novel names of the training set's
+        # open-vocabulary split reach no teacher prompt, not even the held-out ones)
         self.eval_items = (
-            calibration_items(cfg, eval_name, max_images=int(cfg.CALIBRATION.MAX_EVAL_IMAGES))
+            calibration_items(
+                cfg,
+                eval_name,
+                max_images=int(cfg.CALIBRATION.MAX_EVAL_IMAGES),
+                exclude_names=novel_names(cfg.DATASETS.TRAIN[0]),
+            )
             if eval_name
             else []
         )

@@ -8,7 +8,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from diffusers import DDIMScheduler
 
-from spade.calibration.builder import calibration_items
+from spade.calibration.builder import calibration_items, novel_names
 from spade.calibration.teacher import TeacherMapGenerator
 from spade.config import add_spade_config
 from spade.data.datasets import all_class_names, load_ov_split
@@ -108,6 +108,17 @@ def test_no_novel_name_reaches_training(registered, setting):
     assert prompts
     for novel in novel_objects | novel_predicates:
         assert not any(novel in p for p in prompts), (novel, setting)
+    # stage 1's held-out L_cal reads the val split with the training set's novel names left out
+    # (CalibrationTrainer: exclude_names=novel_names(DATASETS.TRAIN[0]))
+    assert novel_names(name) == sorted(novel_objects | novel_predicates)
+    val = f"{registered}_val"
+    held_out = calibration_items(_cfg(), val, exclude_names=novel_names(name))
+    held_prompts = _teacher_prompts(held_out)
+    assert held_prompts
+    for novel in novel_objects | novel_predicates:
+        assert not any(novel in p for p in held_prompts), (novel, setting)
+    unfiltered = _teacher_prompts(calibration_items(_cfg(), val))
+    assert any(n in p for p in unfiltered for n in novel_objects | novel_predicates)
     # held-out splits are not filtered; _ov stands for OvD+R
     assert len(DatasetCatalog.get(f"{registered}_test_{setting}")) == len(
         DatasetCatalog.get(f"{registered}_test")
