@@ -59,6 +59,11 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=0, help="runs at once (0: GPUs, else CPU cores)")
     p.add_argument("--report", default="", help="Markdown file (default docs/ABLATIONS.md)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run none")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the runs done so far (missing seeds count as absent)",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -96,9 +101,12 @@ def main(argv=None) -> int:
         return 0
 
     start = time.time()
-    if todo:
-        ensure_synthpsg(data_root, num_images=schedule.num_images, seed=0, size=128)
-    results = executor.run_all(runs)
+    if args.report_only:
+        results = {r: executor.cached(r) for r in runs if executor.cached(r) is not None}
+    else:
+        if todo:
+            ensure_synthpsg(data_root, num_images=schedule.num_images, seed=0, size=128)
+        results = executor.run_all(runs)
     elapsed = time.time() - start
     clock_path = os.path.join(root, "study_time.json")
     spent = {"wall_s": 0.0}
@@ -112,12 +120,13 @@ def main(argv=None) -> int:
         with open(clock_path + ".tmp", "w") as f:
             json.dump(spent, f)
         os.replace(clock_path + ".tmp", clock_path)
-    run_seconds = sum(float(results[r].get("wall_s", 0.0)) for r in runs)
+    run_seconds = sum(float(res.get("wall_s", 0.0)) for res in results.values())
     header = {
         "Date": spent.get("last", datetime.datetime.now().isoformat(timespec="seconds")),
         "Machine": spent.get("machine", _machine()),
         "Wall time of the study": f"{spent['wall_s'] / 60:.1f} min "
-        f"({len(runs)} runs, {run_seconds / 60:.1f} run-minutes, {jobs} at once)",
+        f"({len(results)} of {len(runs)} runs done, {run_seconds / 60:.1f} run-minutes, "
+        f"{jobs} at once)",
         "Code": f"commit {_commit()}",
     }
     path = write_report(tables, results, schedule, report, header, charts)

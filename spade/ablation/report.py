@@ -40,7 +40,11 @@ def table_markdown(table: Table, results: Dict[Run, Dict]) -> str:
         "|" + "---|" * len(head),
     ]
     for row in table.rows:
-        cells = [row.name] + [fmt_stats(row_values(row, results, m)) for m in table.metrics]
+        done = sum(r in results for r in row.runs)
+        label = (
+            row.name if done == len(row.runs) else f"{row.name} ({done} of {len(row.runs)} seeds)"
+        )
+        cells = [label] + [fmt_stats(row_values(row, results, m)) for m in table.metrics]
         for m in table.verdict_metrics:
             if row.compare_to is None:
                 cells.append("sweep" if row.note == "sweep" else "reference")

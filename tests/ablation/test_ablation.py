@@ -147,6 +147,9 @@ def test_tables_cover_the_issue_and_share_runs(tmp_path):
     s1_configs = {r.stage1[0].config_file for r in calib.rows[1:]}
     assert s1_configs == {"configs/calibration/SynthPSG-Tiny-OvR.yaml"}
     assert len({r.stage1[0] for r in calib.rows[1:]}) == 4
+    # one stage 1 per row, shared by its seeds; the stage-2 runs differ by seed
+    assert all(len(set(r.stage1)) == 1 for r in calib.rows[1:])
+    assert all(len(set(r.stage2)) == 3 for t in tables for r in t.rows)
     runs = all_runs(tables)
     assert len(runs) == len(set(runs))
     with pytest.raises(ValueError, match="selects no"):
