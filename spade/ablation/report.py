@@ -12,7 +12,12 @@ __all__ = ["row_values", "table_markdown", "write_report", "plot_table"]
 
 
 def row_values(row, results: Dict[Run, Dict], key: str) -> List[Optional[float]]:
-    """The metric ``key`` of each seed of ``row``."""
+    """The metric ``key`` of each seed of ``row`` (``L_cal``: its stage 1's held-out L_cal)."""
+    if key == "L_cal":
+        return [
+            results[r].get("heldout_loss_cal") if r is not None and r in results else None
+            for r in row.stage1
+        ]
     return [metric(results[r], key) if r in results else None for r in row.runs]
 
 
@@ -74,7 +79,7 @@ def plot_table(table: Table, results: Dict[Run, Dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = list(table.metrics)
+    metrics = [m for m in table.metrics if m != "L_cal"]  # percent metrics only
     n_rows = len(table.rows)
     width = 0.8 / max(1, n_rows)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(metrics) + 0.4 * n_rows), 4.2))

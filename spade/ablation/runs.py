@@ -143,6 +143,7 @@ def _command(run: Run, root: str, out_dir: str) -> List[str]:
 
 
 _PARAMS = re.compile(r"Trainable parameters: (\d+)")
+_LCAL = re.compile(r"Held-out L_cal: ([0-9.eE+-]+|nan) over (\d+) triplets")
 _SPEED = re.compile(r"Total inference pure compute time: \S+ \(([0-9.]+) s / iter per device")
 
 
@@ -160,6 +161,8 @@ def collect(run: Run, root: str, out_dir: str, log_text: str, wall_s: float) -> 
         if not os.path.isfile(final):
             raise RuntimeError(f"{out_dir}: the run ended without model_final.safetensors")
         result["trainable_params"] = int(params) if params else None
+    if run.kind == "stage1":
+        result.update(_heldout(log_text))
     if run.kind in ("stage2", "eval"):
         cfg = full_config(run, root)
         dataset = cfg.DATASETS.TEST[0]
@@ -173,6 +176,15 @@ def collect(run: Run, root: str, out_dir: str, log_text: str, wall_s: float) -> 
         speed = _last_match(_SPEED, log_text)
         result["s_per_image"] = float(speed) if speed else float("nan")
     return result
+
+
+def _heldout(log_text: str) -> Dict:
+    """Stage 1's last held-out L_cal (and its triplet count) from its log, if it printed one."""
+    found = _LCAL.findall(log_text)
+    if not found:
+        return {}
+    value, count = found[-1]
+    return {"heldout_loss_cal": float(value), "heldout_triplets": int(count)}
 
 
 class RunExecutor:
@@ -202,11 +214,19 @@ class RunExecutor:
         self.ran: List[Run] = []
 
     def cached(self, run: Run) -> Optional[Dict]:
-        path = os.path.join(run_dir(run, self.root), DONE)
+        folder = run_dir(run, self.root)
+        path = os.path.join(folder, DONE)
         if not os.path.isfile(path):
             return None
         with open(path) as f:
-            return json.load(f)
+            result = json.load(f)
+        if run.kind == "stage1" and "heldout_loss_cal" not in result:
+            # results of a driver that did not read it yet: from the run's own log
+            log = os.path.join(folder, "run.log")
+            if os.path.isfile(log):
+                with open(log) as f:
+                    result.update(_heldout(f.read()))
+        return result
 
     def run_all(self, runs: Sequence[Run]) -> Dict[Run, Dict]:
         """Every run of ``runs`` (parents first, level by level), results by run."""

@@ -70,10 +70,12 @@ def verdict(
 
 
 def fmt_stats(values: Sequence) -> str:
-    """``mean ± std`` with one decimal (``n/a`` when no seed gave a finite value)."""
+    """``mean ± std`` with one decimal, or 4 for values below 0.1 such as a loss (``n/a`` when
+    no seed gave a finite value)."""
     s = seed_stats(values)
     if s["n"] == 0:
         return "n/a"
+    digits = 4 if 0 < abs(s["mean"]) < 0.1 else 1
     if s["n"] == 1:
-        return f"{s['mean']:.1f}"
-    return f"{s['mean']:.1f} ± {s['std']:.1f}"
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"

@@ -119,6 +119,14 @@ def test_verdict_by_hand():
     assert verdict([None, None], [1.0, 2.0])["verdict"] == WITHIN_NOISE
 
 
+def test_fmt_stats_by_hand():
+    from spade.ablation.verdict import fmt_stats
+
+    assert fmt_stats([1.0, 2.0, 6.0]) == "3.0 ± 2.6"
+    assert fmt_stats([0.0042, 0.0044]) == "0.0043 ± 0.0001"
+    assert fmt_stats([7.0]) == "7.0" and fmt_stats([None]) == "n/a"
+
+
 def test_metric_drop_and_missing():
     assert metric({"psg": {"R@50_near": 40.0, "R@50_distant": 25.0}}, "R@50_drop") == 15.0
     assert metric({"psg": {"R@50_near": 40.0, "R@50_distant": None}}, "R@50_drop") is None
@@ -131,7 +139,9 @@ def test_metric_drop_and_missing():
 def test_tables_cover_the_issue_and_share_runs(tmp_path):
     tables = build_tables(SCHEDULES["full"], str(tmp_path / "data"))
     keys = [t.key for t in tables]
-    assert keys == ["rgt", "calibration_ovr", "calibration_ovdr", "branch", "distance", "graph"]
+    assert keys == [
+        "rgt", "calibration_ovr", "calibration_ovdr", "branch", "distance", "graph", "student_maps"
+    ]  # fmt: skip
     rgt = tables[0]
     assert [r.compare_to for r in rgt.rows] == [None] + [r.name for r in rgt.rows[:-1]]
     for t in tables:
@@ -200,3 +210,22 @@ def test_quick_mode_two_rows_write_a_well_formed_table(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "3 runs (3 done, 0 to do)" in second.stdout
     assert report.read_text().split("## Verdicts")[1] == text.split("## Verdicts")[1]
+
+
+def test_cached_results_and_heldout_loss_from_the_log(tmp_path):
+    from spade.ablation.runs import DONE, RunExecutor
+
+    root = str(tmp_path)
+    run = Run("stage1", STAGE1, ("SEED", "4"))
+    ex = RunExecutor(root, jobs=1, progress=lambda m: None)
+    assert ex.cached(run) is None  # never run
+    folder = run_dir(run, root)
+    os.makedirs(folder)
+    (tmp_path / folder / "run.log").write_text(
+        "...\n[x] Held-out L_cal: 0.009100 over 7 triplets\n[x] Held-out L_cal: 0.004310 over 94 "
+        "triplets\n"
+    )
+    assert ex.cached(run) is None  # a log without done.json: unfinished, run again (--resume)
+    (tmp_path / folder / DONE).write_text('{"kind": "stage1", "wall_s": 3.0}')
+    got = ex.cached(run)
+    assert got["heldout_loss_cal"] == pytest.approx(0.00431) and got["heldout_triplets"] == 94
