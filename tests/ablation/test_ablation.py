@@ -140,7 +140,8 @@ def test_tables_cover_the_issue_and_share_runs(tmp_path):
     tables = build_tables(SCHEDULES["full"], str(tmp_path / "data"))
     keys = [t.key for t in tables]
     assert keys == [
-        "rgt", "calibration_ovr", "calibration_ovdr", "branch", "distance", "graph", "student_maps"
+        "rgt", "calibration_ovr", "calibration_ovdr", "branch", "distance", "graph", "student_maps",
+        "ov_settings"
     ]  # fmt: skip
     rgt = tables[0]
     assert [r.compare_to for r in rgt.rows] == [None] + [r.name for r in rgt.rows[:-1]]
