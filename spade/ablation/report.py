@@ -129,6 +129,19 @@ def write_report(
         "'reproduced' (the paper's direction) or 'reversed' when |d| > 2 x its standard error "
         "sqrt(s1^2/n1 + s2^2/n2) and |d| > 0.5 points; otherwise 'within noise' "
         "(spade/ablation/verdict.py).",
+        "- **Cost:** ms / image is detectron2's pure inference time per val image (batch 1), "
+        "measured while other runs of the study shared the machine: compare rows of one table "
+        "with care; trainable parameters as the optimizer counts them (stage 1 / stage 2).",
+        "",
+    ]
+    rows = [(t, r) for t in tables for r in t.rows]
+    matched = sum(
+        any((v or 0) > 0 for v in row_values(r, results, "R@100") + row_values(r, results, "R@50"))
+        for _, r in rows
+    )
+    parts += [
+        f"Rows in which some seed matched at least one ground-truth triplet (R@50 or R@100 > 0): "
+        f"**{matched} of {len(rows)}**.",
         "",
     ]
     summary = []
