@@ -86,6 +86,9 @@ def full_config(run: Run, root: str):
 
 def _wired_opts(run: Run, root: str) -> List[str]:
     opts = list(run.opts)
+    if run.kind == "eval" and run.parent is not None and run.parent.parent is not None:
+        # the evaluated model's own stage 1 (its provenance record names it)
+        opts = _wired_opts(run.parent, root)[len(run.parent.opts) :] + opts
     if run.parent is not None:
         weights = os.path.join(run_dir(run.parent, root), "model_final.safetensors")
         key = "MODEL.WEIGHTS" if run.kind == "eval" else "MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS"

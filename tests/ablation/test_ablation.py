@@ -77,6 +77,22 @@ def test_key_changes_with_the_shipped_weights_under_the_same_path(tmp_path):
     assert run_key(run, str(tmp_path / "b")) != first
 
 
+def test_an_evaluation_loads_its_models_stage_one(tmp_path):
+    from spade.ablation.runs import _wired_opts
+
+    root = str(tmp_path)
+    s1 = Run("stage1", STAGE1)
+    s2 = Run("stage2", "configs/synthetic/spade_tiny_synthpsg_ovr.yaml", ("SEED", "1"), s1)
+    ev = Run("eval", s2.config_file, s2.opts + ("MODEL.SPADE.RELATION.FUSION_ALPHA", "0.0"), s2)
+    opts = _wired_opts(ev, root)
+    pairs = dict(zip(opts[::2], opts[1::2]))
+    assert pairs["MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS"] == os.path.join(
+        run_dir(s1, root), "model_final.safetensors"
+    )
+    assert pairs["MODEL.WEIGHTS"] == os.path.join(run_dir(s2, root), "model_final.safetensors")
+    assert pairs["MODEL.SPADE.RELATION.FUSION_ALPHA"] == "0.0"
+
+
 def test_bad_runs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="kind"):
         Run("stage3", STAGE2)
