@@ -14,7 +14,6 @@ spade/ablation/study.py; verdict rule: spade/ablation/verdict.py.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -100,31 +99,29 @@ def main(argv=None) -> int:
             print(f"  {state}  {os.path.basename(run_dir(r, root))}  {r.config_file}")
         return 0
 
-    start = time.time()
     if args.report_only:
         results = {r: executor.cached(r) for r in runs if executor.cached(r) is not None}
     else:
         if todo:
             ensure_synthpsg(data_root, num_images=schedule.num_images, seed=0, size=128)
         results = executor.run_all(runs)
-    elapsed = time.time() - start
-    clock_path = os.path.join(root, "study_time.json")
-    spent = {"wall_s": 0.0}
-    if os.path.isfile(clock_path):
-        with open(clock_path) as f:
-            spent = json.load(f)
-    if executor.ran:
-        spent["wall_s"] = float(spent.get("wall_s", 0.0)) + elapsed
-        spent["last"] = datetime.datetime.now().isoformat(timespec="seconds")
-        spent["machine"] = _machine()
-        with open(clock_path + ".tmp", "w") as f:
-            json.dump(spent, f)
-        os.replace(clock_path + ".tmp", clock_path)
+    # wall time: from the start of the earliest run to the end of the latest one (each done.json
+    # is written when its run ends and holds the run's duration); pauses between interrupted
+    # invocations and other work on the machine are included, not subtracted
+    spans = []
+    for r, res in results.items():
+        done = os.path.join(run_dir(r, root), "done.json")
+        if os.path.isfile(done):
+            end = os.path.getmtime(done)
+            spans.append((end - float(res.get("wall_s", 0.0)), end))
+    wall_s = (max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0
+    last = max((e for _, e in spans), default=time.time())
     run_seconds = sum(float(res.get("wall_s", 0.0)) for res in results.values())
     header = {
-        "Date": spent.get("last", datetime.datetime.now().isoformat(timespec="seconds")),
-        "Machine": spent.get("machine", _machine()),
-        "Wall time of the study": f"{spent['wall_s'] / 60:.1f} min "
+        "Date": datetime.datetime.fromtimestamp(last).isoformat(timespec="seconds"),
+        "Machine": _machine(),
+        "Wall time of the study": f"{wall_s / 60:.1f} min from the first run's start to the "
+        f"last run's end "
         f"({len(results)} of {len(runs)} runs done, {run_seconds / 60:.1f} run-minutes, "
         f"{jobs} at once)",
         "Code": f"commit {_commit()}",
