@@ -7,6 +7,9 @@
   segment's masked crop (outside pixels grey) through the image tower, for comparison.
 * ``colour_shape_top1``: a square crop around each val thing vs the 56 prompts "a {colour} {shape}".
 * ``retrieval_i2t_r1``: image -> text R@1 among held-out corpus images and their scene captions.
+* ``name_max_cosine`` (no target): the largest cosine between the template-ensembled text
+  embeddings of two different object names (``name_closest_pair`` names them): stage 2's cosine
+  classifier cannot separate two classes whose embeddings coincide (near 1).
 * ``left_right_acc`` / ``above_below_acc`` (no target): a crop around a (subject, object) pair with
   a spatial predicate, "the {s} is left of the {o}" vs "... right of ..." (and above / below):
   the paper's premise is that a VLM is weak here.
@@ -29,7 +32,7 @@ from .captions import scene_caption
 from .corpus import CORPUS_SEED_OFFSET, SceneText
 from .gates import CLASS_NAMES, GATE_TARGETS, ValImage
 
-__all__ = ["clip_gates"]
+__all__ = ["clip_gates", "name_separation"]
 
 _STAGE2_TEMPLATES = ["a photo of a {}.", "a {} in the scene.", "there is a {}."]
 
@@ -148,6 +151,21 @@ def _spatial_probe(clip, images: List[ValImage]) -> Dict:
     } | {f"clip/{k}_count": len(v) for k, v in results.items()}
 
 
+def name_separation(encode_texts, names: List[str], templates: List[str]) -> Dict:
+    """The closest two of ``names``: each name's embedding is the normalised mean of
+    ``encode_texts`` (texts -> [N, D] unit rows) over ``templates``."""
+    emb = torch.stack(
+        [F.normalize(encode_texts([t.format(n) for t in templates]).mean(0), dim=-1) for n in names]
+    )
+    sim = emb @ emb.T
+    sim.fill_diagonal_(-2.0)
+    i, j = divmod(int(sim.argmax()), len(names))
+    return {
+        "clip/name_max_cosine": round(float(sim[i, j]), 4),
+        "clip/name_closest_pair": [names[i], names[j]],
+    }
+
+
 def clip_gates(cfg, folder: str, images: List[ValImage]) -> Dict:
     """Every CLIP gate on the exported open_clip folder ``folder``."""
     clip = load_clip_folder(folder)
@@ -156,5 +174,6 @@ def clip_gates(cfg, folder: str, images: List[ValImage]) -> Dict:
     out.update(_colour_shape_accuracy(clip, images))
     out.update(_retrieval(clip, cfg))
     out.update(_spatial_probe(clip, images))
+    out.update(name_separation(lambda t: _encode_texts(clip, t), CLASS_NAMES, _STAGE2_TEMPLATES))
     out["targets"] = {k: v for k, v in GATE_TARGETS.items() if k.startswith("clip/")}
     return out

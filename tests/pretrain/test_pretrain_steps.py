@@ -139,3 +139,24 @@ def test_shipped_model_paths_resolve_from_any_working_directory(tmp_path, monkey
         resolve_weights_path("runwayml/stable-diffusion-v1-5") == "runwayml/stable-diffusion-v1-5"
     )
     assert resolve_weights_path("") == ""
+
+
+def test_name_separation_by_hand():
+    """Names whose embeddings coincide are found; the template mean is taken before comparing."""
+    import torch.nn.functional as F
+
+    from spade.pretrain.gates_clip import name_separation
+
+    table = {
+        "a x.": [1.0, 0.0, 0.0],
+        "the x": [1.0, 0.0, 0.0],
+        "a y.": [0.0, 1.0, 0.0],
+        "the y": [0.0, 0.0, 1.0],  # y's mean: (0, 1, 1) / sqrt 2
+        "a z.": [0.6, 0.8, 0.0],
+        "the z": [0.6, 0.8, 0.0],
+    }
+    encode = lambda texts: F.normalize(torch.tensor([table[t] for t in texts]), dim=-1)
+    out = name_separation(encode, ["x", "y", "z"], ["a {}.", "the {}"])
+    # cos(x, z) = 0.6, cos(y, z) = 0.8 / sqrt 2 = 0.566, cos(x, y) = 0
+    assert out["clip/name_max_cosine"] == pytest.approx(0.6, abs=1e-4)
+    assert out["clip/name_closest_pair"] == ["x", "z"]

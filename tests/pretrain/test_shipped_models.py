@@ -72,6 +72,9 @@ def test_clip_knows_the_captions_and_some_names(images, tmp):
     assert out["clip/retrieval_i2t_r1"] >= 0.85  # shipped: 0.96 among 100; chance 0.02
     assert out["clip/colour_shape_top1"] >= 0.25  # shipped: 0.35; chance 1/56
     assert out["clip/crops_things_top1"] >= 0.12  # shipped: 0.21; chance 1/14
+    # reported, no target (MODEL_ZOO.md: five shape names nearly coincide in the shipped tower)
+    assert -1.0 <= out["clip/name_max_cosine"] <= 1.0 + 1e-6
+    assert len(set(out["clip/name_closest_pair"])) == 2
 
 
 @torch.no_grad()
