@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         return 0
 
     if args.report_only:
-        results = {r: executor.cached(r) for r in runs if executor.cached(r) is not None}
+        found = {r: executor.cached(r) for r in runs}
+        results = {r: res for r, res in found.items() if res is not None}
     else:
         if todo:
             ensure_synthpsg(data_root, num_images=schedule.num_images, seed=0, size=128)

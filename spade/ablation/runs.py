@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from spade.evaluation.report import write_json_atomic
@@ -53,14 +53,14 @@ class Run:
     kind: str
     config_file: str
     opts: Tuple[str, ...] = ()
-    parent: Optional["Run"] = field(default=None, compare=True)
+    parent: Optional["Run"] = None
 
     def __post_init__(self):
         if self.kind not in ENTRY_POINTS:
             raise ValueError(f"Run.kind must be one of {sorted(ENTRY_POINTS)}, got {self.kind!r}")
         if len(self.opts) % 2:
             raise ValueError(f"Run opts must be KEY VALUE pairs, got {list(self.opts)}")
-        if self.kind in ("eval",) and (self.parent is None or self.parent.kind != "stage2"):
+        if self.kind == "eval" and (self.parent is None or self.parent.kind != "stage2"):
             raise ValueError("an eval run needs the stage-2 run it evaluates as parent")
 
 
