@@ -32,6 +32,7 @@ __all__ = [
     "PREDICATE_SYNONYMS",
     "size_word",
     "describe_thing",
+    "shape_negatives",
     "scene_caption",
 ]
 
@@ -88,10 +89,12 @@ def describe_thing(
     synonym_prob: float,
     article: str = "a",
     colour_drop: float = 0.0,
+    shape: str = "",
 ) -> str:
     """ "a large red circle": article, size (when not medium), colour and shape of thing ``k``;
-    size and colour are left out with probability ``colour_drop`` ("a circle")."""
-    shape = THING_CLASSES[scene.thing_classes[k]]
+    size and colour are left out with probability ``colour_drop`` ("a circle"). ``shape`` names
+    another shape class instead of the thing's own (for hard negatives)."""
+    shape = shape or THING_CLASSES[scene.thing_classes[k]]
     plain = colour_drop > 0 and rng.random() < colour_drop
     size = "" if plain else size_word(scene.thing_radii[k], scene.image_size)
     words = [
@@ -104,6 +107,39 @@ def describe_thing(
     if article == "a" and text.split(" ", 2)[1][0] in "aeiou":
         text = "an" + text[1:]
     return text
+
+
+def shape_negatives(
+    scene: Scene,
+    k: int,
+    variant_seed: Sequence[int],
+    synonym_prob: float,
+    count: int,
+    colour_drop: float = 0.0,
+) -> List[str]:
+    """``count`` captions of thing ``k`` that are false only in the shape word: each names another
+    shape class (distinct ones, drawn from ``variant_seed``) with the size and colour words of the
+    true caption drawn from the same generator state ``[*variant_seed, 0]`` (see
+    :meth:`Corpus.thing_crop`). A contrastive loss that must rank the true caption above these
+    cannot solve crops by colour alone: it has to read the shape word."""
+    own = scene.thing_classes[k]
+    others = [c for c in range(len(THING_CLASSES)) if c != own]
+    picker = np.random.default_rng([*variant_seed, 2])
+    picks = picker.choice(len(others), size=min(count, len(others)), replace=False)
+    out = []
+    for j in picks:
+        rng = np.random.default_rng([*variant_seed, 0])  # the true caption's draws
+        out.append(
+            describe_thing(
+                scene,
+                k,
+                rng,
+                synonym_prob,
+                colour_drop=colour_drop,
+                shape=THING_CLASSES[others[int(j)]],
+            )
+        )
+    return out
 
 
 def _join(parts: List[str]) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "clip_preprocess_config",
     "ClipPretrainModel",
     "clip_batches",
+    "hard_negative_clip_loss",
     "export_open_clip",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
@@ -91,9 +92,16 @@ def clip_preprocess_config(cfg) -> dict:
 
 
 class ClipPretrainModel(nn.Module):
-    """open_clip CLIP + ClipLoss; ``forward(batch)`` returns ``{"loss_contrastive": ...}``.
+    """open_clip CLIP + symmetric InfoNCE; ``forward(batch)`` returns ``{"loss_contrastive": ...}``.
 
-    batch: dict with ``images`` float [B, 3, S, S] (CLIP-normalised) and ``texts`` long [B, 77].
+    batch: dict with ``images`` float [B, 3, S, S] (CLIP-normalised) and ``texts`` long [B, 77];
+    optionally ``neg_texts`` long [M, 77] with ``neg_owner`` long [M]: hard-negative captions,
+    each false for the one image ``neg_owner`` names. Without negatives the loss is open_clip's
+    ``ClipLoss``. With them, each image's row of the image->text logits also holds its own
+    negatives (and only its own: a caption swapped for image j may be true of image i), the
+    text->image side is unchanged, and ``hard_negative_acc`` (the share of images whose caption
+    beats all its negatives) is logged. Negatives are per process: with several processes the
+    in-batch contrast is the local batch.
     """
 
     def __init__(self, model_cfg: dict, seed: int = 0):
@@ -109,14 +117,57 @@ class ClipPretrainModel(nn.Module):
         text_features = self.clip.encode_text(batch["texts"].to(device), normalize=True)
         # CLIP clamps the learned temperature at 100
         logit_scale = self.clip.logit_scale.clamp(max=np.log(100.0)).exp()
-        loss = self.loss(image_features, text_features, logit_scale)
+        neg_texts = batch.get("neg_texts")
+        if neg_texts is None or len(neg_texts) == 0:
+            loss = self.loss(image_features, text_features, logit_scale)
+            extra = {}
+        else:
+            neg_features = self.clip.encode_text(neg_texts.to(device), normalize=True)
+            loss, extra = hard_negative_clip_loss(
+                image_features,
+                text_features,
+                neg_features,
+                batch["neg_owner"].to(device),
+                logit_scale,
+            )
         if self.training:
             from detectron2.utils.events import get_event_storage
 
-            get_event_storage().put_scalar(
-                "logit_scale", float(logit_scale.detach()), smoothing_hint=False
-            )
+            storage = get_event_storage()
+            storage.put_scalar("logit_scale", float(logit_scale.detach()), smoothing_hint=False)
+            for name, value in extra.items():
+                storage.put_scalar(name, value)
         return {"loss_contrastive": loss}
+
+
+def hard_negative_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    neg_features: torch.Tensor,
+    neg_owner: torch.Tensor,
+    logit_scale: torch.Tensor,
+):
+    """Symmetric InfoNCE whose image->text side also ranks each image's own hard negatives.
+
+    image/text features [B, D] and negatives [M, D] are L2-normalised; ``neg_owner`` [M] is the
+    image each negative belongs to. Returns (loss, {"hard_negative_acc": float}); with M = 0 the
+    loss equals ``ClipLoss``'s.
+    """
+    n = len(image_features)
+    labels = torch.arange(n, device=image_features.device)
+    logits = logit_scale * image_features @ text_features.T  # [B, B]
+    own = logit_scale * (image_features[neg_owner] * neg_features).sum(-1)  # [M]
+    extra = logits.new_full((n, len(neg_features)), float("-inf"))
+    extra[neg_owner, torch.arange(len(neg_features), device=extra.device)] = own
+    loss_i2t = F.cross_entropy(torch.cat([logits, extra], dim=1), labels)
+    loss_t2i = F.cross_entropy(logits.T, labels)
+    acc = 0.0
+    if len(neg_features):
+        with torch.no_grad():
+            owners = torch.unique(neg_owner)
+            hardest = extra.max(dim=1).values[owners]
+            acc = float((logits.diagonal()[owners] > hardest).float().mean())
+    return (loss_i2t + loss_t2i) / 2, {"hard_negative_acc": acc}
 
 
 def to_clip_input(images: np.ndarray, size: int) -> torch.Tensor:
@@ -132,30 +183,55 @@ def to_clip_input(images: np.ndarray, size: int) -> torch.Tensor:
 
 
 def clip_batches(
-    corpus: Corpus, batch_size: int, image_size: int, crop_prob: float, seed: int
+    corpus: Corpus,
+    batch_size: int,
+    image_size: int,
+    crop_prob: float,
+    seed: int,
+    negatives: int = 0,
+    worker: int = 0,
+    num_workers: int = 1,
 ) -> Iterator[Dict[str, torch.Tensor]]:
-    """Endless seeded batches of (image or one-thing crop, caption) pairs from the corpus."""
+    """Endless seeded batches of (image or one-thing crop, caption) pairs from the corpus, with
+    ``negatives`` shape-swapped captions per crop (``neg_texts`` / ``neg_owner``).
+
+    ``worker`` of ``num_workers`` (data-loader workers of this process) takes every
+    ``num_workers``-th image of this rank's stream and its own batch generator; one worker
+    reproduces the single-process stream exactly.
+    """
     tokenizer = open_clip.get_tokenizer("ViT-L-14")  # the unchanged open_clip BPE tokenizer
-    stream = corpus.iter_indices(seed, comm.get_rank(), comm.get_world_size())
+    shard = comm.get_rank() * num_workers + worker
+    stream = corpus.iter_indices(seed, shard, comm.get_world_size() * num_workers)
     step = 0
     while True:
-        rng = np.random.default_rng([seed, step, 7])
+        key = [seed, step, 7] if num_workers == 1 else [seed, step, 7, worker]
+        rng = np.random.default_rng(key)
         images: List[np.ndarray] = []
         texts: List[str] = []
-        for _ in range(batch_size):
+        neg_texts: List[str] = []
+        neg_owner: List[int] = []
+        for b in range(batch_size):
             i, epoch = next(stream)
             if rng.random() < crop_prob:
-                crop, caption, _ = corpus.thing_crop(i, epoch)
+                crop, caption, _, negs = corpus.thing_crop(i, epoch, negatives=negatives)
                 images.append(crop)
                 texts.append(caption)
+                neg_texts += negs
+                neg_owner += [b] * len(negs)
             else:
                 images.append(corpus.image(i))
                 texts.append(corpus.caption(i, epoch))
-        yield {
+        batch = {
             "images": to_clip_input(images, image_size),
             "texts": tokenizer(texts),
             "captions": texts,
         }
+        if negatives:
+            batch["neg_texts"] = (
+                tokenizer(neg_texts) if neg_texts else torch.zeros(0, CONTEXT_LENGTH).long()
+            )
+            batch["neg_owner"] = torch.tensor(neg_owner, dtype=torch.long)
+        yield batch
         step += 1
 
 

@@ -16,6 +16,8 @@ def add_pretrain_config(cfg: CN) -> None:
     p = cfg.PRETRAIN
     p.TASK = "clip"  # "clip", "vae" or "unet": the model this run trains
     p.EXPORT_DIR = ""  # folder the trained model is exported to (its standard format)
+    p.NUM_WORKERS = 0  # processes making CLIP batches and building the corpus (0 = this one)
+    p.MAX_WALL_SECONDS = 0.0  # end training after this many seconds of it (0 = at MAX_ITER)
 
     # ------------------------------------------------------------ caption corpus ("web data")
     p.CORPUS = CN()
@@ -41,6 +43,7 @@ def add_pretrain_config(cfg: CN) -> None:
     p.CLIP.TEXT_LAYERS = 4  # text transformer layers
     p.CLIP.HEAD_WIDTH = 32  # width of one attention head in both towers
     p.CLIP.CROP_PROB = 0.4  # share of samples that are a crop around one thing + its caption
+    p.CLIP.HARD_NEGATIVES = 0  # per crop: captions naming another shape, ranked below the true one
 
     # ------------------------------------------------------------ tiny VAE (AutoencoderKL)
     p.VAE = CN()

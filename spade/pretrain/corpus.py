@@ -29,7 +29,7 @@ import numpy as np
 from spade.data.synthpsg import render_scene
 from spade.utils.io import atomic_write, atomic_write_bytes, atomic_write_json
 
-from .captions import describe_thing, scene_caption
+from .captions import describe_thing, scene_caption, shape_negatives
 
 __all__ = [
     "CORPUS_SEED_OFFSET",
@@ -37,12 +37,14 @@ __all__ = [
     "SceneText",
     "Corpus",
     "build_corpus",
+    "build_corpus_parallel",
     "check_disjoint",
 ]
 
 logger = logging.getLogger(__name__)
 
 CORPUS_SEED_OFFSET = 1_000_000
+CROP_TEMPLATES = ("a photo of {}.", "a picture of {}.", "{}.", "this is {}.")
 FORMAT_VERSION = 1
 
 
@@ -181,6 +183,23 @@ def build_corpus(root: str, spec: CorpusSpec, rank: int = 0, world_size: int = 1
     return root
 
 
+def _build_part(args) -> None:
+    root, spec, rank, world_size = args
+    build_corpus(root, spec, rank, world_size)
+
+
+def build_corpus_parallel(root: str, spec: CorpusSpec, processes: int) -> str:
+    """:func:`build_corpus` with ``processes`` worker processes (shards split by rank)."""
+    if int(processes) <= 1:
+        return build_corpus(root, spec)
+    import multiprocessing as mp
+
+    os.makedirs(root, exist_ok=True)
+    with mp.get_context("fork").Pool(int(processes)) as pool:
+        pool.map(_build_part, [(root, spec, r, int(processes)) for r in range(int(processes))])
+    return build_corpus(root, spec)  # checks every shard, writes the manifest
+
+
 def _read_json(path: str):
     try:
         with open(path) as f:
@@ -241,15 +260,20 @@ class Corpus:
         return scene_caption(scene, rng, kind=kind, synonym_prob=self.synonym_prob)
 
     def thing_crop(
-        self, i: int, variant: int, margin: float = 1.6
-    ) -> Tuple[np.ndarray, str, Tuple[int, int, int, int]]:
-        """A square crop around one thing of image ``i`` and its one-thing caption (colour and
-        size left out 40 % of the time, so shape names are learned on their own).
+        self, i: int, variant: int, margin: float = 1.6, negatives: int = 0
+    ) -> Tuple[np.ndarray, str, Tuple[int, int, int, int], List[str]]:
+        """A square crop around one thing of image ``i``, its one-thing caption and ``negatives``
+        hard-negative captions.
 
         The thing is chosen by (i, variant); the crop side is ``margin`` times the larger side
-        of its box (clipped to the image). Returns (uint8 crop, caption, xyxy box of the crop).
+        of its box (clipped to the image). Colour and size are left out of the caption 40 % of
+        the time (so shape names are learned on their own), and 30 % of captions sit in a
+        template ("a photo of a red star."). The negatives are the same caption with another
+        shape's name (:func:`~spade.pretrain.captions.shape_negatives`).
+        Returns (uint8 crop, caption, xyxy box of the crop, negative captions).
         """
-        rng = np.random.default_rng([self.spec.seed, int(i), int(variant), 1])
+        variant_seed = (self.spec.seed, int(i), int(variant), 1)
+        rng = np.random.default_rng(variant_seed)
         scene = self.scene(i)
         k = int(rng.integers(0, len(scene.thing_classes)))
         x0, y0, x1, y1 = scene.thing_boxes[k]
@@ -259,8 +283,19 @@ class Corpus:
         left = int(np.clip(round(cx - side / 2), 0, scene.image_size - side))
         top = int(np.clip(round(cy - side / 2), 0, scene.image_size - side))
         crop = self.image(i)[top : top + side, left : left + side]
-        caption = describe_thing(scene, k, rng, self.synonym_prob, colour_drop=0.4)
-        return crop, caption, (left, top, left + side, top + side)
+        caption = describe_thing(
+            scene, k, np.random.default_rng([*variant_seed, 0]), self.synonym_prob, colour_drop=0.4
+        )
+        negs = (
+            shape_negatives(scene, k, variant_seed, self.synonym_prob, negatives, colour_drop=0.4)
+            if negatives
+            else []
+        )
+        t = np.random.default_rng([*variant_seed, 3])
+        if t.random() < 0.3:
+            template = CROP_TEMPLATES[int(t.integers(0, len(CROP_TEMPLATES)))]
+            caption, negs = template.format(caption), [template.format(n) for n in negs]
+        return crop, caption, (left, top, left + side, top + side), negs
 
     def iter_indices(
         self, seed: int, rank: int = 0, world_size: int = 1, limit: int = 0

@@ -21,10 +21,18 @@ from typing import Dict
 
 import torch
 from detectron2.engine import DefaultTrainer, HookBase
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from spade.engine.checkpoint import SafetensorsCheckpointer
 
-__all__ = ["PRETRAIN_TASKS", "register_task", "PretrainTrainer", "WallClock"]
+__all__ = [
+    "PRETRAIN_TASKS",
+    "register_task",
+    "PretrainTrainer",
+    "WallClock",
+    "WallBudget",
+    "worker_batches",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,90 @@ class WallClock(HookBase):
 
     def load_state_dict(self, state):
         self.seconds = float(state["seconds"])
+
+
+class WallBudgetReached(Exception):
+    """Raised by :class:`WallBudget` to end training early (caught by PretrainTrainer.train)."""
+
+
+class WallBudget(HookBase):
+    """Fits training into ``seconds`` (``PRETRAIN.MAX_WALL_SECONDS``), for a lent machine.
+
+    After ``probe`` iterations it measures the speed; if MAX_ITER would not fit, it shortens the
+    run to the iterations that fit and compresses the LR schedule with it (the cosine still
+    anneals to its end). It also ends training outright if the time runs out anyway. The model
+    is then exported as trained; the manifest records the iterations reached.
+    """
+
+    def __init__(self, seconds: float, probe: int = 100, skip: int = 20):
+        self.seconds = float(seconds)
+        self.probe, self.skip = int(probe), int(skip)  # speed from iterations (skip, probe]
+        self.stop_at = None  # iterations after which training ends (None = MAX_ITER)
+        self._start = self._mark = None
+
+    def before_train(self):
+        self._start = time.perf_counter()
+        self._first = self.trainer.iter
+
+    def after_step(self):
+        now = time.perf_counter()
+        elapsed = now - self._start
+        done = self.trainer.iter + 1 - self._first
+        if done == self.skip:
+            self._mark = now  # the first iterations (warm-up, caches) do not set the speed
+        if self.stop_at is None and done == self.probe and self._mark is not None:
+            rate = (now - self._mark) / (self.probe - self.skip)
+            fits = self.trainer.iter + 1 + int((self.seconds - elapsed) / rate)
+            if fits < self.trainer.max_iter:
+                self.stop_at = max(fits, self.trainer.iter + 1)
+                scheduler = getattr(self.trainer, "scheduler", None)
+                if hasattr(scheduler, "_max_iter"):  # detectron2's LRMultiplier
+                    scheduler._max_iter = self.stop_at
+                logger.info(
+                    "PRETRAIN.MAX_WALL_SECONDS=%g: %.3f s/it, so %d of %d iterations fit; the LR "
+                    "schedule is shortened to them",
+                    self.seconds,
+                    rate,
+                    self.stop_at,
+                    self.trainer.max_iter,
+                )
+        if self.stop_at is not None and self.trainer.iter + 1 >= self.stop_at:
+            raise WallBudgetReached(
+                f"PRETRAIN.MAX_WALL_SECONDS={self.seconds:g}: the {self.stop_at} iterations that "
+                "fit are done"
+            )
+        if elapsed > self.seconds:
+            raise WallBudgetReached(
+                f"PRETRAIN.MAX_WALL_SECONDS={self.seconds:g} reached after iteration "
+                f"{self.trainer.iter + 1} of {self.trainer.max_iter}"
+            )
+
+
+class _WorkerBatches(IterableDataset):
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        info = get_worker_info()
+        return iter(self.make(worker=info.id, num_workers=info.num_workers))
+
+
+def worker_batches(make, num_workers: int):
+    """Batches of ``make(worker=w, num_workers=n)`` (an endless batch iterator per worker),
+    produced by ``num_workers`` data-loader processes in a fixed round-robin order, so the
+    stream is deterministic; ``num_workers`` 0 runs ``make(worker=0, num_workers=1)`` in this
+    process. ``make`` should be picklable (a functools.partial of a module-level function)."""
+    if int(num_workers) <= 0:
+        return make(worker=0, num_workers=1)
+    loader = DataLoader(
+        _WorkerBatches(make),
+        batch_size=None,
+        num_workers=int(num_workers),
+        persistent_workers=True,
+        prefetch_factor=4,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return iter(loader)
 
 
 class PretrainTrainer(DefaultTrainer):
@@ -115,7 +207,18 @@ class PretrainTrainer(DefaultTrainer):
         )
         hooks = super().build_hooks()
         hooks.insert(1, self.wall_clock)
+        if float(self.cfg.PRETRAIN.MAX_WALL_SECONDS) > 0:
+            hooks.insert(2, WallBudget(self.cfg.PRETRAIN.MAX_WALL_SECONDS))
         return hooks
+
+    def train(self):
+        try:
+            return super().train()
+        except WallBudgetReached as e:
+            # detectron2 left iter at the failing step; the last finished one is iter
+            self.iter += 1
+            logger.info("%s: training ends here", e)
+            return None
 
     def build_writers(self):
         from detectron2.engine.defaults import default_writers

@@ -11,6 +11,7 @@ Each exported folder gets a manifest (spade.utils.manifest).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -27,8 +28,14 @@ from .clip import (
     clip_preprocess_config,
     export_open_clip,
 )
-from .corpus import CORPUS_SEED_OFFSET, Corpus, CorpusSpec, build_corpus, check_disjoint
-from .engine import register_task
+from .corpus import (
+    CORPUS_SEED_OFFSET,
+    Corpus,
+    CorpusSpec,
+    build_corpus_parallel,
+    check_disjoint,
+)
+from .engine import register_task, worker_batches
 from .vae import VaePretrainModel, measure_latent_scale, to_vae_input, vae_batches, vae_config
 
 __all__ = ["corpus_of", "training_info"]
@@ -38,7 +45,7 @@ def corpus_of(cfg) -> Corpus:
     """The corpus of PRETRAIN.CORPUS, built first when missing (resumable)."""
     root = str(cfg.PRETRAIN.CORPUS.ROOT)
     check_disjoint(int(cfg.PRETRAIN.CORPUS.SEED), [int(cfg.PRETRAIN.GATES.DATA_SEED)])
-    build_corpus(root, CorpusSpec.from_cfg(cfg))
+    build_corpus_parallel(root, CorpusSpec.from_cfg(cfg), int(cfg.PRETRAIN.NUM_WORKERS))
     return Corpus(root, synonym_prob=float(cfg.PRETRAIN.CORPUS.SYNONYM_PROB))
 
 
@@ -79,13 +86,16 @@ class ClipTask:
         return ClipPretrainModel(clip_model_config(cfg), seed=int(cfg.SEED))
 
     def batches(self, cfg):
-        return clip_batches(
+        make = functools.partial(
+            clip_batches,
             corpus_of(cfg),
             int(cfg.SOLVER.IMS_PER_BATCH),
             int(cfg.PRETRAIN.CLIP.IMAGE_SIZE),
             float(cfg.PRETRAIN.CLIP.CROP_PROB),
             seed=int(cfg.SEED),
+            negatives=int(cfg.PRETRAIN.CLIP.HARD_NEGATIVES),
         )
+        return worker_batches(make, int(cfg.PRETRAIN.NUM_WORKERS))
 
     def export(self, cfg, model, info: dict) -> str:
         folder = _export_dir(cfg)
@@ -158,6 +168,7 @@ class UnetTask:
         from .unet import LatentCache, unet_batches
 
         _, vae = self._frozen(cfg)
+        vae.to(torch.device(cfg.MODEL.DEVICE))  # latents are cached on first use, on the device
         corpus = corpus_of(cfg)
         path = str(cfg.PRETRAIN.UNET.LATENT_CACHE) or os.path.join(cfg.OUTPUT_DIR, "latents.npy")
         cache = LatentCache(

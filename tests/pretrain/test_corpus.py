@@ -88,8 +88,9 @@ def test_corpus_is_deterministic_covers_the_vocabulary_and_resumes(tmp_path):
     assert any(s in texts for syn in SHAPE_SYNONYMS.values() for s in syn)
     counts = {len(a.scene(i).thing_classes) for i in range(240)}
     assert counts == set(range(1, 9))
-    crop, caption, box = a.thing_crop(7, 0)
+    crop, caption, box, negs = a.thing_crop(7, 0)
     assert crop.shape[0] == crop.shape[1] == box[2] - box[0] and caption.split()[-1]
+    assert negs == []
 
 
 def test_corpus_spec_mismatch_is_an_error(tmp_path):

@@ -40,7 +40,8 @@ def trained(stage0_root):
 
 
 def test_every_config_merges():
-    for path in CFG.values():
+    gpu = [os.path.join(ROOT, "configs", "pretrain", "gpu", f"{t}_tiny.yaml") for t in CFG]
+    for path in list(CFG.values()) + gpu:
         cfg = get_cfg()
         add_pretrain_config(cfg)
         cfg.merge_from_file(path)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Stage 0 on one GPU: pretrain the tiny CLIP and VAE side by side, then the UNet on them, with the
+# configs under configs/pretrain/gpu/ (each run fits itself into its PRETRAIN.MAX_WALL_SECONDS).
+# This is how the shipped weights were made on a lent GPU (MODEL_ZOO.md); `make pretrain` does
+# the same on whatever machine it runs on.
+#
+#   bash tools/pretrain_gpu.sh [LOG_DIR]
+#
+# Environment: PY (python, default python3), MODELS (export root, default models/),
+# GATES=1 to measure the gates after each export (default: skipped, measured later with
+# `pretrain_net.py --eval-only`), EXTRA_OPTS (config opts added to every run, e.g. for a smoke test).
+set -uo pipefail
+LOG=${1:-output/pretrain_gpu}
+PY=${PY:-python3}
+MODELS=${MODELS:-models}
+EXTRA_OPTS=${EXTRA_OPTS:-}
+CFG=configs/pretrain/gpu
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+t0=$(date +%s)
+stamp() { echo "[pretrain_gpu $(($(date +%s) - t0)) s] $*"; }
+GATE_FLAG=--skip-gates
+[ "${GATES:-0}" = 1 ] && GATE_FLAG=
+# shellcheck disable=SC2206
+COMMON=(PRETRAIN.UNET.CLIP "$MODELS/synthpsg-tiny-clip" PRETRAIN.UNET.VAE "$MODELS/synthpsg-tiny-sd" $EXTRA_OPTS)
+
+run() {  # run TASK EXPORT_DIR: train, export, log to $LOG/TASK.log
+  $PY projects/SPADE/pretrain_net.py --config-file "$CFG/$1_tiny.yaml" $GATE_FLAG \
+    PRETRAIN.EXPORT_DIR "$2" "${COMMON[@]}" >"$LOG/$1.log" 2>&1
+}
+
+stamp "building the caption corpus"
+$PY - "$CFG/clip_tiny.yaml" "${COMMON[@]}" <<'EOF' || { stamp "corpus build failed"; exit 1; }
+import argparse, sys
+from spade.pretrain import setup_pretrain_cfg
+from spade.pretrain.tasks import corpus_of
+args = argparse.Namespace(config_file=sys.argv[1], opts=sys.argv[2:])
+print(corpus_of(setup_pretrain_cfg(args, do_default_setup=False)).root, "ready")
+EOF
+
+stamp "CLIP and VAE"
+run clip "$MODELS/synthpsg-tiny-clip" &
+clip=$!
+run vae "$MODELS/synthpsg-tiny-sd" &
+vae=$!
+wait $clip; rc_clip=$?
+wait $vae; rc_vae=$?
+stamp "CLIP rc=$rc_clip, VAE rc=$rc_vae"
+tail -n 3 "$LOG/clip.log" "$LOG/vae.log"
+[ $rc_clip -eq 0 ] && [ $rc_vae -eq 0 ] || exit 1
+
+stamp "UNet"
+run unet "$MODELS/synthpsg-tiny-sd"; rc_unet=$?
+stamp "UNet rc=$rc_unet"
+tail -n 3 "$LOG/unet.log"
+exit $rc_unet
