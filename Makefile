@@ -27,17 +27,19 @@ demo: install
 	$(PY) tools/run_demo.py --output $(DEMO_OUT) $(DEMO_ARGS)
 
 # Stage 0: reproduce every shipped foundation model (models/, see MODEL_ZOO.md) from scratch.
-# CLIP and VAE are independent and train side by side (one core each); the UNet needs both.
-# Each run resumes where an interrupted one stopped (--resume); a GPU is used when present.
+# On a CPU, CLIP and VAE train side by side (one core each), then the UNet on them; each run
+# resumes where an interrupted one stopped (--resume). With a GPU, tools/pretrain_gpu.sh runs the
+# configs under configs/pretrain/gpu/, each fitted into its PRETRAIN.MAX_WALL_SECONDS.
 PRETRAIN_ARGS ?= --resume
 PRETRAIN_NET := $(PY) projects/SPADE/pretrain_net.py
 pretrain: install
+	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		PY=$(PY) bash tools/pretrain_gpu.sh output/pretrain_gpu; exit $$?; fi; \
 	mkdir -p output; OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/clip_tiny.yaml \
 		$(PRETRAIN_ARGS) > output/pretrain-clip.log 2>&1 & clip=$$!; \
 	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_ARGS); \
 	vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
-	test $$vae -eq 0
-	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS)
+	test $$vae -eq 0 && $(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS)
 
 # The paper's ablations in miniature (docs/ABLATIONS.md): cached runs, so a second call only prints
 # the table; ABLATION_ARGS=--quick for a smoke test, --only TABLE to run some tables.

@@ -25,7 +25,7 @@ GATE_FLAG=--skip-gates
 COMMON=(PRETRAIN.UNET.CLIP "$MODELS/synthpsg-tiny-clip" PRETRAIN.UNET.VAE "$MODELS/synthpsg-tiny-sd" $EXTRA_OPTS)
 
 run() {  # run TASK EXPORT_DIR: train, export, log to $LOG/TASK.log
-  $PY projects/SPADE/pretrain_net.py --config-file "$CFG/$1_tiny.yaml" $GATE_FLAG \
+  $PY projects/SPADE/pretrain_net.py --config-file "$CFG/$1_tiny.yaml" --resume $GATE_FLAG \
     PRETRAIN.EXPORT_DIR "$2" "${COMMON[@]}" >"$LOG/$1.log" 2>&1
 }
 
