@@ -50,6 +50,11 @@ SD15_OPTS = [
     "ViT-L-14",
     "MODEL.SPADE.CLIP.PRETRAINED",
     "",
+    # random weights of SD 1.5's shapes through the TINY path (the tiny config loads shipped ones)
+    "MODEL.SPADE.PRESET",
+    "TINY",
+    "MODEL.SPADE.DIFFUSION.PRETRAINED",
+    "",
 ]
 PRESETS = {"tiny": (128, []), "sd15": (512, SD15_OPTS)}
 

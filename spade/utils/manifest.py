@@ -39,7 +39,12 @@ def file_sha256(path: str) -> str:
 
 
 def code_commit(root: Optional[str] = None) -> str:
-    """The git commit of the training code ("+dirty" when spade/ has uncommitted changes)."""
+    """The git commit of the training code ("+dirty" when spade/ has uncommitted changes).
+
+    ``SPADE_CODE_COMMIT`` in the environment wins: a copy of the tree without its .git (a lent
+    machine) states the commit it was copied from."""
+    if os.environ.get("SPADE_CODE_COMMIT"):
+        return os.environ["SPADE_CODE_COMMIT"]
     root = root or os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
         head = subprocess.run(

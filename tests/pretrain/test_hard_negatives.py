@@ -208,3 +208,11 @@ def test_parallel_corpus_build_equals_the_serial_one(tmp_path):
     ca, cb = Corpus(a), Corpus(b)
     for i in range(30):
         assert np.array_equal(ca.image(i), cb.image(i)) and ca.scene(i) == cb.scene(i)
+
+
+def test_code_commit_can_be_stated_by_the_environment(monkeypatch, tmp_path):
+    from spade.utils.manifest import code_commit
+
+    assert code_commit(str(tmp_path)) == "unknown"  # no git there
+    monkeypatch.setenv("SPADE_CODE_COMMIT", "abc123")
+    assert code_commit(str(tmp_path)) == "abc123"
