@@ -61,7 +61,11 @@ def add_pretrain_config(cfg: CN) -> None:
     p.UNET.ONLY_CROSS_ATTENTION_LEVELS = [True, False, False]
     # ^ levels whose self-attention is replaced by a second cross-attention (CPU cost at 32 x 32)
     p.UNET.LAYERS_PER_BLOCK = 1  # resnet (+ transformer) layers per block
-    p.UNET.ATTENTION_HEAD_DIM = 32  # channels per attention head
+    p.UNET.ATTENTION_HEAD_DIM = 32
+    # ^ diffusers' ``attention_head_dim``, which UNet2DConditionModel uses as the NUMBER of heads
+    #   per layer (as SD 1.5's config does: 8 heads); 32 heads on 64-128 channels are 2-4 channels
+    #   each (what the shipped UNet has, see MODEL_ZOO.md). HEAD_CHANNELS overrides it.
+    p.UNET.HEAD_CHANNELS = 0  # > 0: heads of this many channels at every level (channels / it)
     p.UNET.CLIP = ""  # the pretrained tiny CLIP (open_clip folder): its text tower conditions
     p.UNET.VAE = ""  # the pretrained diffusers folder holding vae/
     p.UNET.NUM_IMAGES = 0  # train on the first N corpus images (0 = all; each VAE-encoded once)

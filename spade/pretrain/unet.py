@@ -47,6 +47,15 @@ def unet_config(cfg, cross_attention_dim: int, latent_channels: int, sample_size
         raise ValueError(
             "PRETRAIN.UNET.CROSS_ATTENTION_LEVELS needs one entry per BLOCK_OUT_CHANNELS level"
         )
+    heads = int(u.ATTENTION_HEAD_DIM)  # diffusers' name; it is the number of heads per layer
+    if int(u.HEAD_CHANNELS) > 0:
+        width = int(u.HEAD_CHANNELS)
+        if any(c % width for c in channels):
+            raise ValueError(
+                f"PRETRAIN.UNET.HEAD_CHANNELS={width} does not divide every "
+                f"PRETRAIN.UNET.BLOCK_OUT_CHANNELS {list(channels)}"
+            )
+        heads = tuple(c // width for c in channels)
     only_cross = tuple(bool(v) for v in u.ONLY_CROSS_ATTENTION_LEVELS) or (False,) * len(levels)
     if len(only_cross) != len(levels):
         raise ValueError("PRETRAIN.UNET.ONLY_CROSS_ATTENTION_LEVELS needs one entry per level")
@@ -59,7 +68,7 @@ def unet_config(cfg, cross_attention_dim: int, latent_channels: int, sample_size
         only_cross_attention=only_cross,
         block_out_channels=channels,
         layers_per_block=int(u.LAYERS_PER_BLOCK),
-        attention_head_dim=int(u.ATTENTION_HEAD_DIM),
+        attention_head_dim=heads,
         cross_attention_dim=int(cross_attention_dim),
         norm_num_groups=min(32, min(channels)),
     )

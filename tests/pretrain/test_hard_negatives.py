@@ -216,3 +216,26 @@ def test_code_commit_can_be_stated_by_the_environment(monkeypatch, tmp_path):
     assert code_commit(str(tmp_path)) == "unknown"  # no git there
     monkeypatch.setenv("SPADE_CODE_COMMIT", "abc123")
     assert code_commit(str(tmp_path)) == "abc123"
+
+
+def test_unet_heads_are_diffusers_heads_and_head_channels_override(stage0_root):
+    from diffusers import UNet2DConditionModel
+
+    from spade.pretrain.unet import unet_config
+
+    cfg, _ = tiny_cfg(CFG["unet"], stage0_root, "unet")  # BLOCK_OUT_CHANNELS [16, 32], 8 "dims"
+
+    def heads(config):
+        unet = UNet2DConditionModel(**config)
+        return [m.heads for n, m in unet.named_modules() if n.endswith("attn2")]
+
+    # diffusers reads attention_head_dim as the number of heads: 8 heads at every level
+    assert set(heads(unet_config(cfg, 32, 4, 8))) == {8}
+    cfg.defrost()
+    cfg.PRETRAIN.UNET.HEAD_CHANNELS = 8  # 16 / 8 = 2 heads at level 0, 32 / 8 = 4 below
+    config = unet_config(cfg, 32, 4, 8)
+    assert config["attention_head_dim"] == (2, 4)
+    assert sorted(set(heads(config))) == [2, 4]
+    cfg.PRETRAIN.UNET.HEAD_CHANNELS = 12
+    with pytest.raises(ValueError, match="HEAD_CHANNELS=12 does not divide"):
+        unet_config(cfg, 32, 4, 8)
