@@ -11,12 +11,27 @@ worker's traceback, as torch reports it).
 
 import re
 
+import torch.distributed as dist
 from detectron2.engine import launch
 from torch.multiprocessing import ProcessRaisedException
 
 from .defaults import BAD_INPUT_ERRORS, _one_line
 
-__all__ = ["WorkerInputError", "launch_main"]
+__all__ = ["WorkerInputError", "launch_main", "finish_process_group"]
+
+
+def finish_process_group(wait: bool = True) -> None:
+    """End this worker's process groups while the interpreter is fully alive.
+
+    detectron2's launch returns from a worker without ``destroy_process_group``; GLOO's threads
+    may then still hold work when the interpreter is torn down, and the worker dies with SIGABRT
+    ("terminate called without an active exception"). ``wait``: first a barrier, so no rank leaves
+    while another still talks to it (skip it on an error path, where a peer may never arrive)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if wait and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 class WorkerInputError(ValueError):
@@ -31,11 +46,14 @@ class _OneLineInputErrors:
 
     def __call__(self, args):
         try:
-            return self.main(args)
+            result = self.main(args)
         except BAD_INPUT_ERRORS as e:
+            finish_process_group(wait=False)
             if getattr(args, "debug", False) or isinstance(e, WorkerInputError):
                 raise
             raise WorkerInputError(_one_line(e)) from None
+        finish_process_group()
+        return result
 
 
 # the last line of the worker traceback that torch hands to the parent
