@@ -85,11 +85,7 @@ IMPORT_S = time.perf_counter() - _T_IMPORT
 SD15_CONFIG = os.path.join(ROOT, "configs", "psg", "spade_sd15_psg.yaml")
 # the paper config names SD 1.5 / CLIP weights and a stage-1 output; build random models of the
 # same shapes from the TINY path instead, in fp32 (bf16 rows autocast)
-SD15_RANDOM_OPTS = SD15_OPTS + [
-    "MODEL.SPADE.PRESET",
-    "TINY",
-    "MODEL.SPADE.DIFFUSION.PRETRAINED",
-    "",
+SD15_RANDOM_OPTS = SD15_OPTS + [  # SD15_OPTS already selects the TINY path (random weights)
     "MODEL.SPADE.DIFFUSION.DTYPE",
     "float32",
     "MODEL.SPADE.DIFFUSION.CALIBRATED_WEIGHTS",
