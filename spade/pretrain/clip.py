@@ -16,7 +16,7 @@ masks (``clip_dense_features``): what the contrastive loss aligns with text is w
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import open_clip
@@ -27,6 +27,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.loss import ClipLoss
 from torch import nn
 
+from spade.data.synthpsg import STUFF_CLASSES, THING_CLASSES
+from spade.modeling.backbone.diffusion_backbone import clip_patch_embeddings
+from spade.modeling.open_vocab import mask_pool
 from spade.utils.io import atomic_save_safetensors, atomic_write_json
 
 from .corpus import Corpus
@@ -37,6 +40,9 @@ __all__ = [
     "ClipPretrainModel",
     "clip_batches",
     "hard_negative_clip_loss",
+    "region_loss",
+    "text_tower_parameters",
+    "REGION_VOCABULARY",
     "export_open_clip",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
@@ -45,6 +51,10 @@ __all__ = [
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONTEXT_LENGTH = 77  # CLIP's (and SD 1.5's) text context
+# the region loss ranks each segment among every class name of the corpus (novel ones included:
+# the miniature world's web data covers them, as real CLIP's covers PSG's)
+REGION_VOCABULARY = tuple(THING_CLASSES) + tuple(STUFF_CLASSES)
+REGION_TEMPLATES = ("{}", "a {}", "a photo of a {}.", "a picture of a {}.", "this is a {}.")
 VOCAB_SIZE = 49408  # open_clip's BPE tokenizer
 
 
@@ -104,17 +114,38 @@ class ClipPretrainModel(nn.Module):
     in-batch contrast is the local batch.
     """
 
-    def __init__(self, model_cfg: dict, seed: int = 0):
+    def __init__(
+        self, model_cfg: dict, seed: int = 0, region_weight: float = 0.0, train_text: bool = True
+    ):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.clip = open_clip.CLIP(**model_cfg)
         self.loss = ClipLoss()
+        self.region_weight = float(region_weight)
+        self.train_text = bool(train_text)
+        if not self.train_text:
+            for p in text_tower_parameters(self.clip):
+                p.requires_grad_(False)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         device = self.clip.logit_scale.device
-        image_features = self.clip.encode_image(batch["images"].to(device), normalize=True)
-        text_features = self.clip.encode_text(batch["texts"].to(device), normalize=True)
+        images = batch["images"].to(device)
+        losses, logs = {}, {}
+        if self.region_weight > 0 and "region_masks" in batch:
+            dense = clip_patch_embeddings(self.clip.visual, images)  # [B, D, g, g]
+            image_features = self._pool_image(dense, images)
+            losses["loss_region"], logs["region_acc"] = region_loss(
+                dense,
+                batch["region_masks"].to(device),
+                batch["region_labels"].to(device),
+                self.encode_text(batch["region_texts"].to(device)),
+                self.clip.logit_scale.clamp(max=np.log(100.0)).exp(),
+            )
+            losses["loss_region"] = losses["loss_region"] * self.region_weight
+        else:
+            image_features = self.clip.encode_image(images, normalize=True)
+        text_features = self.encode_text(batch["texts"].to(device))
         # CLIP clamps the learned temperature at 100
         logit_scale = self.clip.logit_scale.clamp(max=np.log(100.0)).exp()
         neg_texts = batch.get("neg_texts")
@@ -122,7 +153,7 @@ class ClipPretrainModel(nn.Module):
             loss = self.loss(image_features, text_features, logit_scale)
             extra = {}
         else:
-            neg_features = self.clip.encode_text(neg_texts.to(device), normalize=True)
+            neg_features = self.encode_text(neg_texts.to(device))
             loss, extra = hard_negative_clip_loss(
                 image_features,
                 text_features,
@@ -135,9 +166,59 @@ class ClipPretrainModel(nn.Module):
 
             storage = get_event_storage()
             storage.put_scalar("logit_scale", float(logit_scale.detach()), smoothing_hint=False)
-            for name, value in extra.items():
+            for name, value in {**extra, **logs}.items():
                 storage.put_scalar(name, value)
-        return {"loss_contrastive": loss}
+        return {"loss_contrastive": loss, **losses}
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.train_text and torch.is_grad_enabled()):
+            return self.clip.encode_text(tokens, normalize=True)
+
+    def _pool_image(self, dense: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The image embedding from the dense map when the tower average-pools it (the shipped
+        layout: ln_post before the pool, so the mean of the dense features is the embedding);
+        otherwise the tower's own pooling."""
+        visual = self.clip.visual
+        if getattr(visual, "pool_type", "") == "avg" and not getattr(
+            visual, "final_ln_after_pool", True
+        ):
+            return F.normalize(dense.mean(dim=(2, 3)), dim=-1)
+        return self.clip.encode_image(images, normalize=True)
+
+
+def text_tower_parameters(clip: nn.Module) -> List[nn.Parameter]:
+    """The parameters of open_clip CLIP's text tower (everything but ``visual`` and the shared
+    ``logit_scale``/``logit_bias``): what the UNet's conditioning and stage 2's text classifiers
+    read, so a fine-tune that keeps them keeps the UNet valid."""
+    return [
+        p
+        for name, p in clip.named_parameters()
+        if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias")
+    ]
+
+
+def region_loss(
+    dense: torch.Tensor,
+    masks: torch.Tensor,
+    labels: torch.Tensor,
+    vocabulary: torch.Tensor,
+    logit_scale: torch.Tensor,
+):
+    """Region-level contrast: each segment's mask-pooled dense feature (what stage 2 pools) is
+    classified among the text embeddings of the whole vocabulary.
+
+    dense [B, D, g, g]; masks [B, S, g, g] soft segment masks on the grid (padding rows zero);
+    labels long [B, S] vocabulary index (-1 = padding); vocabulary [V, D] L2-normalised.
+    Returns (cross-entropy over the real segments, their top-1 accuracy); (0, 0) without any.
+    """
+    valid = labels >= 0
+    if not bool(valid.any()):
+        return dense.sum() * 0.0, 0.0
+    pooled = F.normalize(mask_pool(dense, masks), dim=-1)[valid]  # [N, D]
+    logits = logit_scale * pooled @ vocabulary.T
+    target = labels[valid]
+    acc = float((logits.argmax(dim=-1) == target).float().mean())
+    return F.cross_entropy(logits, target), acc
 
 
 def hard_negative_clip_loss(
@@ -191,6 +272,7 @@ def clip_batches(
     negatives: int = 0,
     worker: int = 0,
     num_workers: int = 1,
+    region_grid: int = 0,
 ) -> Iterator[Dict[str, torch.Tensor]]:
     """Endless seeded batches of (image or one-thing crop, caption) pairs from the corpus, with
     ``negatives`` shape-swapped captions per crop (``neg_texts`` / ``neg_owner``).
@@ -198,6 +280,11 @@ def clip_batches(
     ``worker`` of ``num_workers`` (data-loader workers of this process) takes every
     ``num_workers``-th image of this rank's stream and its own batch generator; one worker
     reproduces the single-process stream exactly.
+
+    ``region_grid`` > 0 adds the segments of every whole image (not of crops) for the region loss:
+    ``region_masks`` [B, S, g, g] (area-resized to the dense grid g), ``region_labels`` [B, S]
+    (index into REGION_VOCABULARY, -1 = padding) and ``region_texts`` [V, 77], the vocabulary in
+    one template drawn per batch.
     """
     tokenizer = open_clip.get_tokenizer("ViT-L-14")  # the unchanged open_clip BPE tokenizer
     shard = comm.get_rank() * num_workers + worker
@@ -210,6 +297,7 @@ def clip_batches(
         texts: List[str] = []
         neg_texts: List[str] = []
         neg_owner: List[int] = []
+        regions: List[Tuple[torch.Tensor, List[int]]] = []
         for b in range(batch_size):
             i, epoch = next(stream)
             if rng.random() < crop_prob:
@@ -218,9 +306,12 @@ def clip_batches(
                 texts.append(caption)
                 neg_texts += negs
                 neg_owner += [b] * len(negs)
+                regions.append((torch.zeros(0, region_grid, region_grid), []))
             else:
                 images.append(corpus.image(i))
                 texts.append(corpus.caption(i, epoch))
+                if region_grid:
+                    regions.append(_grid_segments(corpus, i, region_grid))
         batch = {
             "images": to_clip_input(images, image_size),
             "texts": tokenizer(texts),
@@ -231,8 +322,36 @@ def clip_batches(
                 tokenizer(neg_texts) if neg_texts else torch.zeros(0, CONTEXT_LENGTH).long()
             )
             batch["neg_owner"] = torch.tensor(neg_owner, dtype=torch.long)
+        if region_grid:
+            batch.update(_region_batch(regions, region_grid, tokenizer, [seed, step, 11, worker]))
         yield batch
         step += 1
+
+
+def _grid_segments(corpus: Corpus, i: int, grid: int) -> Tuple[torch.Tensor, List[int]]:
+    """Segments of corpus image ``i`` as soft masks on the dense grid + vocabulary indices."""
+    masks, names = corpus.segments(i)
+    unknown = [n for n in names if n not in REGION_VOCABULARY]
+    if unknown:
+        raise KeyError(
+            f"caption corpus {corpus.root}, image {i}: classes {unknown} are not in "
+            f"REGION_VOCABULARY"
+        )
+    soft = F.interpolate(torch.from_numpy(masks).float()[None], size=(grid, grid), mode="area")[0]
+    return soft, [REGION_VOCABULARY.index(n) for n in names]
+
+
+def _region_batch(regions, grid: int, tokenizer, key) -> Dict[str, torch.Tensor]:
+    most = max([len(labels) for _, labels in regions] + [1])
+    masks = torch.zeros(len(regions), most, grid, grid)
+    labels = torch.full((len(regions), most), -1, dtype=torch.long)
+    for b, (m, lab) in enumerate(regions):
+        masks[b, : len(lab)] = m
+        labels[b, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    rng = np.random.default_rng(key)
+    template = REGION_TEMPLATES[int(rng.integers(0, len(REGION_TEMPLATES)))]
+    texts = tokenizer([template.format(n) for n in REGION_VOCABULARY])
+    return {"region_masks": masks, "region_labels": labels, "region_texts": texts}
 
 
 def export_open_clip(clip: nn.Module, model_cfg: dict, preprocess_cfg: dict, folder: str) -> str:

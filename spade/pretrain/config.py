@@ -44,6 +44,12 @@ def add_pretrain_config(cfg: CN) -> None:
     p.CLIP.HEAD_WIDTH = 32  # width of one attention head in both towers
     p.CLIP.CROP_PROB = 0.4  # share of samples that are a crop around one thing + its caption
     p.CLIP.HARD_NEGATIVES = 0  # per crop: captions naming another shape, ranked below the true one
+    # weight of the region loss: every segment of a whole image, mask-pooled from the dense
+    # features (as stage 2 pools them), is classified among all class names (0 = off)
+    p.CLIP.REGION_WEIGHT = 0.0
+    # False freezes the text tower (a fine-tune of a CLIP whose text tower already conditions a
+    # trained UNet: its hidden states, and so the UNet, stay valid)
+    p.CLIP.TRAIN_TEXT = True
 
     # ------------------------------------------------------------ tiny VAE (AutoencoderKL)
     p.VAE = CN()

@@ -26,7 +26,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from spade.data.synthpsg import render_scene
+from spade.data.synthpsg import THING_CLASSES, render_scene
 from spade.utils.io import atomic_write, atomic_write_bytes, atomic_write_json
 
 from .captions import describe_thing, scene_caption, shape_negatives
@@ -296,6 +296,29 @@ class Corpus:
             template = CROP_TEMPLATES[int(t.integers(0, len(CROP_TEMPLATES)))]
             caption, negs = template.format(caption), [template.format(n) for n in negs]
         return crop, caption, (left, top, left + side, top + side), negs
+
+    def segments(self, i: int) -> Tuple[np.ndarray, List[str]]:
+        """Every segment of image ``i``: (bool masks [S, size, size], class names [S]), things in
+        drawing order then stuff.
+
+        The corpus stores pixels and caption facts, not masks: the scene is rendered again from
+        (seed, i), which reproduces it exactly; a stored image that differs from the rendering is
+        an error naming the corpus and the image (masks never come from another picture).
+        """
+        scene = render_scene(
+            CORPUS_SEED_OFFSET + self.spec.seed,
+            int(i),
+            size=self.spec.image_size,
+            num_things=(self.spec.min_things, self.spec.max_things),
+        )
+        if not np.array_equal(scene.rgb, self.image(i)):
+            raise ValueError(
+                f"caption corpus {self.root}: stored image {i} differs from its rendering by "
+                f"this code (seed {self.spec.seed}); rebuild the corpus"
+            )
+        names = [THING_CLASSES[c] for c in scene.thing_classes] + list(scene.stuff_names)
+        masks = np.concatenate([scene.thing_masks, scene.stuff_masks]).astype(bool)
+        return masks, names
 
     def iter_indices(
         self, seed: int, rank: int = 0, world_size: int = 1, limit: int = 0

@@ -73,6 +73,12 @@ def training_info(cfg, trainer) -> dict:
     }
 
 
+def region_grid(cfg) -> int:
+    """Side of the tiny CLIP's dense grid when the region loss is on, else 0."""
+    c = cfg.PRETRAIN.CLIP
+    return int(c.IMAGE_SIZE) // int(c.PATCH_SIZE) if float(c.REGION_WEIGHT) > 0 else 0
+
+
 def _export_dir(cfg) -> str:
     out = str(cfg.PRETRAIN.EXPORT_DIR)
     if not out:
@@ -83,7 +89,12 @@ def _export_dir(cfg) -> str:
 @register_task("clip")
 class ClipTask:
     def build_model(self, cfg):
-        return ClipPretrainModel(clip_model_config(cfg), seed=int(cfg.SEED))
+        return ClipPretrainModel(
+            clip_model_config(cfg),
+            seed=int(cfg.SEED),
+            region_weight=float(cfg.PRETRAIN.CLIP.REGION_WEIGHT),
+            train_text=bool(cfg.PRETRAIN.CLIP.TRAIN_TEXT),
+        )
 
     def batches(self, cfg):
         make = functools.partial(
@@ -94,6 +105,7 @@ class ClipTask:
             float(cfg.PRETRAIN.CLIP.CROP_PROB),
             seed=int(cfg.SEED),
             negatives=int(cfg.PRETRAIN.CLIP.HARD_NEGATIVES),
+            region_grid=region_grid(cfg),
         )
         return worker_batches(make, int(cfg.PRETRAIN.NUM_WORKERS))
 

@@ -52,7 +52,12 @@ from .loading import (
 )
 from .lora import apply_lora, has_lora, load_trainable_state_dict
 
-__all__ = ["DiffusionBackbone", "build_diffusion_backbone", "clip_dense_features"]
+__all__ = [
+    "DiffusionBackbone",
+    "build_diffusion_backbone",
+    "clip_dense_features",
+    "clip_patch_embeddings",
+]
 
 logger = logging.getLogger(__name__)
 _RES_NAME = re.compile(r"^res(\d+)$")
@@ -409,16 +414,25 @@ def clip_dense_features(clip: ClipParts, pixels: torch.Tensor) -> torch.Tensor:
     visual = clip.model.visual
     weight = next(visual.parameters())
     with torch.no_grad():
-        out = visual.forward_intermediates(
-            pixels.to(weight.dtype),
-            indices=1,
-            normalize_intermediates=True,
-            intermediates_only=True,
-            output_fmt="NCHW",
-        )
-        tokens = out["image_intermediates"][-1]
-        if getattr(visual, "proj", None) is not None:
-            tokens = torch.einsum("bchw,cd->bdhw", tokens, visual.proj)
+        return clip_patch_embeddings(visual, pixels.to(weight.dtype))
+
+
+def clip_patch_embeddings(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """What :func:`clip_dense_features` returns, with autograd (CLIP pretraining trains it).
+
+    visual: open_clip's ``VisionTransformer``; pixels: [B, 3, S, S] CLIP-normalised.
+    Returns [B, D, S / patch, S / patch]: the last block's patch tokens after ln_post, times proj.
+    """
+    out = visual.forward_intermediates(
+        pixels,
+        indices=1,
+        normalize_intermediates=True,
+        intermediates_only=True,
+        output_fmt="NCHW",
+    )
+    tokens = out["image_intermediates"][-1]
+    if getattr(visual, "proj", None) is not None:
+        tokens = torch.einsum("bchw,cd->bdhw", tokens, visual.proj)
     return tokens
 
 
