@@ -59,6 +59,8 @@ def add_pretrain_config(cfg: CN) -> None:
     p.VAE.CROP_SIZE = 64  # training crop side (the VAE is fully convolutional)
     p.VAE.KL_WEIGHT = 1e-6  # weight of the KL term (SD's autoencoder uses 1e-6)
     p.VAE.L2_WEIGHT = 1.0  # weight of the squared-error term beside the L1 term
+    # False trains the decoder only: the latents (and a UNet trained on them) stay as they are
+    p.VAE.TRAIN_ENCODER = True
 
     # ------------------------------------------------------------ tiny UNet (UNet2DConditionModel)
     p.UNET = CN()

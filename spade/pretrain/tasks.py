@@ -121,7 +121,13 @@ class ClipTask:
 class VaeTask:
     def build_model(self, cfg):
         v = cfg.PRETRAIN.VAE
-        return VaePretrainModel(vae_config(cfg), v.KL_WEIGHT, v.L2_WEIGHT, seed=int(cfg.SEED))
+        return VaePretrainModel(
+            vae_config(cfg),
+            v.KL_WEIGHT,
+            v.L2_WEIGHT,
+            seed=int(cfg.SEED),
+            train_encoder=bool(v.TRAIN_ENCODER),
+        )
 
     def batches(self, cfg):
         return vae_batches(

@@ -22,7 +22,14 @@ from spade.modeling.backbone.loading import autoencoder_kl_config
 
 from .corpus import Corpus
 
-__all__ = ["vae_config", "VaePretrainModel", "vae_batches", "measure_latent_scale", "psnr"]
+__all__ = [
+    "vae_config",
+    "VaePretrainModel",
+    "encoder_parameters",
+    "vae_batches",
+    "measure_latent_scale",
+    "psnr",
+]
 
 
 def vae_config(cfg) -> dict:
@@ -43,23 +50,43 @@ class VaePretrainModel(nn.Module):
     batch: ``{"images": float [B, 3, s, s] in [-1, 1]}``.
     """
 
-    def __init__(self, config: dict, kl_weight: float, l2_weight: float, seed: int = 0):
+    def __init__(
+        self,
+        config: dict,
+        kl_weight: float,
+        l2_weight: float,
+        seed: int = 0,
+        train_encoder: bool = True,
+    ):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.vae = AutoencoderKL(**config)
         self.kl_weight = float(kl_weight)
         self.l2_weight = float(l2_weight)
+        self.train_encoder = bool(train_encoder)
+        if not self.train_encoder:
+            for p in encoder_parameters(self.vae):
+                p.requires_grad_(False)
 
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         x = batch["images"].to(self.vae.device)
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+            posterior = self.vae.encode(x).latent_dist
         recon = self.vae.decode(posterior.sample()).sample
-        return {
+        losses = {
             "loss_l1": F.l1_loss(recon, x),
             "loss_l2": self.l2_weight * F.mse_loss(recon, x),
-            "loss_kl": self.kl_weight * posterior.kl().mean(),
         }
+        if self.train_encoder:  # a frozen encoder's posterior has no gradient to take
+            losses["loss_kl"] = self.kl_weight * posterior.kl().mean()
+        return losses
+
+
+def encoder_parameters(vae: AutoencoderKL):
+    """Encoder + quant_conv: what makes the latents. A decoder-only fine-tune (as SD's own VAE
+    decoder was fine-tuned after release) keeps them, so a UNet trained on them stays valid."""
+    return list(vae.encoder.parameters()) + list(vae.quant_conv.parameters())
 
 
 def to_vae_input(images: np.ndarray) -> torch.Tensor:
