@@ -160,6 +160,9 @@ def _add_model_config(cfg: CN) -> None:
     s.TEST.OBJECT_MASK_THRESHOLD = 0.8  # minimum query score kept in panoptic inference
     s.TEST.OVERLAP_THRESHOLD = 0.8  # minimum visible share of a query's mask
     s.TEST.MAX_RELATIONS = 100  # ranked triplets returned per image
+    # the relation head's top-M pairs are chosen among pairs of two different kept panoptic
+    # segments (False: among all query pairs; pairs of dropped queries are discarded after)
+    s.TEST.PAIRS_FROM_KEPT_SEGMENTS = True
 
     # ------------------------------------------------------------ relation head (RGT)
     s.RELATION = CN()

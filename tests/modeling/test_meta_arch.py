@@ -230,6 +230,39 @@ def test_relation_head_plumbing():
     assert torch.all(rel["scores"][:-1] >= rel["scores"][1:])
 
 
+def test_relation_pairs_are_chosen_among_kept_segments():
+    def run(kept_only):
+        torch.manual_seed(2)
+        cfg = tiny_cfg(relation=True)
+        cfg.MODEL.SPADE.RELATION.NUM_PAIRS = 2  # 2 of the 8 x 7 query pairs
+        cfg.MODEL.SPADE.TEST.OVERLAP_THRESHOLD = 0.0
+        cfg.MODEL.SPADE.TEST.PAIRS_FROM_KEPT_SEGMENTS = kept_only
+        model = build_model(cfg).eval()
+        seen = []
+        original = model.relation_head.forward
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs.get("pair_mask"))
+            return original(*args, **kwargs)
+
+        model.relation_head.forward = spy
+        with torch.no_grad():
+            result = model([make_input(torch.Generator().manual_seed(4), 3)])[0]
+        return result, seen[-1]
+
+    result, mask = run(True)
+    kept = {s["id"] for s in result["panoptic_seg"][1]}
+    assert len(kept) == 3
+    assert mask.shape == (1, 8, 8) and not bool(mask.diagonal(0, 1, 2).any())
+    # both selected pairs join two different kept segments, so both become triplets
+    triplets = result["relations"]["triplets"]
+    assert len(triplets) == 2 and set(triplets[:, :2].flatten().tolist()) <= kept
+    assert bool((triplets[:, 0] != triplets[:, 1]).all())
+    # the older selection spends both pairs on queries panoptic inference dropped
+    result, mask = run(False)
+    assert mask is None and len(result["relations"]["triplets"]) == 0
+
+
 def test_bad_inputs_name_the_image():
     gen = torch.Generator().manual_seed(5)
     model = build_model(tiny_cfg()).train()

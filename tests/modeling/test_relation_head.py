@@ -257,3 +257,30 @@ def test_predicate_classifier_fusion_hand_value_and_text_checks():
             fusion_alpha=0.5,
             fusion_beta=0.5,
         )
+
+
+def test_pair_mask_restricts_the_selected_pairs_at_inference():
+    head = _head(NUM_PAIRS=3).eval()
+    inputs = _inputs()
+    with torch.no_grad():
+        free = head(**inputs)
+    mask = torch.zeros(B, Q, Q, dtype=torch.bool)
+    mask[0, 3, 4] = mask[0, 4, 3] = True  # image 0: only queries 3 and 4, both ways
+    mask[1] = True  # image 1: every pair
+    with torch.no_grad():
+        restricted = head(**inputs, pair_mask=mask)
+    # the allowed pairs come first, in the head's own order; the rest of M is filled after them
+    top = {tuple(p) for p in restricted[0]["pairs"][:2].tolist()}
+    assert top == {(3, 4), (4, 3)}
+    assert torch.equal(restricted[1]["pairs"], free[1]["pairs"])  # all allowed: unchanged
+    # the scores of a pair do not depend on which other pairs were selected
+    for b in range(B):
+        for k, pair in enumerate(restricted[b]["pairs"].tolist()):
+            hits = (free[b]["pairs"] == torch.tensor(pair)).all(dim=1).nonzero()
+            if len(hits):
+                j = int(hits[0])
+                assert torch.allclose(
+                    restricted[b]["predicate_scores"][k], free[b]["predicate_scores"][j]
+                )
+    with pytest.raises(ValueError, match=r"pair_mask \(2, 5, 4\) must be \[B, Q, Q\]"):
+        head(**inputs, pair_mask=mask[:, :, :4])

@@ -108,6 +108,7 @@ def build_spade_parts(cfg: CfgNode) -> Dict[str, Any]:
         "max_relations": s.TEST.MAX_RELATIONS,
         "relation_head": relation_head,
         "relation_clip_branch": s.RELATION.ENABLED and s.RELATION.USE_CLIP_BRANCH,
+        "pairs_from_kept_segments": s.TEST.PAIRS_FROM_KEPT_SEGMENTS,
         "fusion_alpha": s.OPEN_VOCAB.FUSION_ALPHA,
         "fusion_beta": s.OPEN_VOCAB.FUSION_BETA,
         **parts,

@@ -5,6 +5,7 @@ Shape shorthand: B batch, Q object queries, C query width, K classes (+1 no-obje
 D CLIP embedding dim, H x W padded image, h x w mask-feature map (stride 4 or 8).
 """
 
+import inspect
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -62,6 +63,7 @@ class SPADE(nn.Module):
         predicate_text_bank: Optional[TextEmbeddingBank] = None,
         use_clip_branch: bool = False,
         relation_clip_branch: bool = False,
+        pairs_from_kept_segments: bool = True,
     ):
         """
         Args:
@@ -83,6 +85,9 @@ class SPADE(nn.Module):
                 (open vocabulary only).
             use_clip_branch: fuse the CLIP mask-pooled class probabilities at inference.
             relation_clip_branch: hand the CLIP dense features to the relation head at inference.
+            pairs_from_kept_segments: at inference the relation head selects its top-M query
+                pairs among pairs of two different kept panoptic segments only (False: among all
+                query pairs, and pairs of dropped queries are discarded afterwards).
         """
         super().__init__()
         self.backbone = backbone
@@ -113,6 +118,12 @@ class SPADE(nn.Module):
         self.use_clip_branch = use_clip_branch and has_clip and text_bank is not None
         self.relation_clip_branch = relation_clip_branch and has_clip and relation_head is not None
         self.fusion_alpha, self.fusion_beta = fusion_alpha, fusion_beta
+        # a plug-in relation head without a ``pair_mask`` argument keeps the older contract:
+        # its pairs of dropped queries are discarded by relation_inference
+        self.pairs_from_kept_segments = bool(pairs_from_kept_segments) and (
+            relation_head is not None
+            and "pair_mask" in inspect.signature(relation_head.forward).parameters
+        )
 
     @classmethod
     def from_config(cls, cfg):
@@ -329,8 +340,25 @@ class SPADE(nn.Module):
         class_probs = self.class_probabilities(
             outputs, clip_features if self.use_clip_branch else None
         )
-        relation_preds = None
+        padded = images.tensor.shape[-2:]
+        results, kept = [], []
+        for i, x in enumerate(batched_inputs):
+            image_size = images.image_sizes[i]
+            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
+            masks = F.interpolate(
+                outputs["pred_masks"][i : i + 1], size=padded, mode="bilinear", align_corners=False
+            )[0]
+            masks = sem_seg_postprocess(masks, image_size, height, width)  # [Q, height, width]
+            seg, segments_info, query_to_segment = self.panoptic_inference(class_probs[i], masks)
+            results.append({"panoptic_seg": (seg, segments_info)})
+            kept.append(query_to_segment)
         if self.relation_head is not None:
+            pair_mask = None
+            if self.pairs_from_kept_segments:
+                seg = torch.stack(kept).to(class_probs.device)  # [B, Q]
+                pair_mask = (seg[:, :, None] > 0) & (seg[:, None, :] > 0)
+                pair_mask &= seg[:, :, None] != seg[:, None, :]
+            extra = {} if pair_mask is None else {"pair_mask": pair_mask}
             relation_preds = self.relation_head(
                 query_features=outputs["query_features"],
                 mask_logits=outputs["pred_masks"],
@@ -340,21 +368,10 @@ class SPADE(nn.Module):
                 predicate_text=self.predicate_text_embeddings(),
                 targets=None,
                 matches=None,
+                **extra,
             )
-        padded = images.tensor.shape[-2:]
-        results = []
-        for i, x in enumerate(batched_inputs):
-            image_size = images.image_sizes[i]
-            height, width = x.get("height", image_size[0]), x.get("width", image_size[1])
-            masks = F.interpolate(
-                outputs["pred_masks"][i : i + 1], size=padded, mode="bilinear", align_corners=False
-            )[0]
-            masks = sem_seg_postprocess(masks, image_size, height, width)  # [Q, height, width]
-            seg, segments_info, query_to_segment = self.panoptic_inference(class_probs[i], masks)
-            result = {"panoptic_seg": (seg, segments_info)}
-            if relation_preds is not None:
+            for i, result in enumerate(results):
                 result["relations"] = relation_inference(
-                    relation_preds[i], query_to_segment, self.max_relations
+                    relation_preds[i], kept[i], self.max_relations
                 )
-            results.append(result)
         return results

@@ -23,6 +23,7 @@ The object is an ``nn.Module`` called as::
         predicate_text=None,         # [P, D] L2-normalised predicate text embeddings, or None
         targets=None,                # training: list of {"gt_relations": long [R, 3]}
         matches=None,                # training: list of (query_idx long [N'], gt_idx long [N'])
+        pair_mask=None,              # inference, optional: bool [B, Q, Q] selectable pairs
     )
 
 and returns, in training, a dict of weighted losses ("loss_rel", optionally "loss_rqc"), and at

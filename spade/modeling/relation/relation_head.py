@@ -227,14 +227,26 @@ class RGTRelationHead(nn.Module):
         predicate_text: Optional[Tensor] = None,
         targets: Optional[Sequence[Dict[str, Tensor]]] = None,
         matches: Optional[Sequence[Tuple[Tensor, Tensor]]] = None,
+        pair_mask: Optional[Tensor] = None,
     ):
-        """See the registry docstring (:mod:`spade.modeling.relation.build`) for shapes."""
+        """See the registry docstring (:mod:`spade.modeling.relation.build`) for shapes.
+
+        ``pair_mask`` (inference only): bool [B, Q, Q], the (subject, object) query pairs that may
+        be selected; the others rank below every allowed pair (the meta-architecture passes the
+        pairs of two different kept panoptic segments, so the top-M are not spent on queries
+        that panoptic inference dropped)."""
         pooled_map = self._check_inputs(query_features, mask_logits, class_probs, features)
         self.predicates.check_text(predicate_text)
         q = self.relation_context(query_features, mask_logits)  # [B, Q, E]
         selection_logits = self.pair_selection_logits(q)  # [B, Q, Q]
         objectness = (1.0 - class_probs[..., -1].detach().float()).clamp(min=1e-6).log()  # [B, Q]
         ranking = selection_logits.detach() + objectness[:, :, None] + objectness[:, None, :]
+        if pair_mask is not None and not self.training:
+            if pair_mask.shape != ranking.shape:
+                raise ValueError(
+                    f"pair_mask {tuple(pair_mask.shape)} must be [B, Q, Q] = {tuple(ranking.shape)}"
+                )
+            ranking = ranking.masked_fill(~pair_mask.to(ranking.device), float("-inf"))
         masks = mask_logits.detach().float()
         if pooled_map.shape[-2:] != masks.shape[-2:]:
             masks = F.interpolate(
