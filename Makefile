@@ -35,8 +35,10 @@ PRETRAIN_NET := $(PY) projects/SPADE/pretrain_net.py
 pretrain: install
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		PY=$(PY) bash tools/pretrain_gpu.sh output/pretrain_gpu; exit $$?; fi; \
-	mkdir -p output; OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/clip_tiny.yaml \
-		$(PRETRAIN_ARGS) > output/pretrain-clip.log 2>&1 & clip=$$!; \
+	mkdir -p output; { OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/clip_tiny.yaml \
+		$(PRETRAIN_ARGS) && OMP_NUM_THREADS=1 $(PRETRAIN_NET) \
+		--config-file configs/pretrain/clip_tiny_region.yaml $(PRETRAIN_ARGS); } \
+		> output/pretrain-clip.log 2>&1 & clip=$$!; \
 	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_ARGS); \
 	vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
 	test $$vae -eq 0 && $(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS)

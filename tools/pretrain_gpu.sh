@@ -6,7 +6,8 @@
 #
 #   bash tools/pretrain_gpu.sh [LOG_DIR]
 #
-# Environment: PY (python, default python3), MODELS (export root, default models/),
+# Environment: PY (python, default python3), MODELS (export root, default models/), RUNS (the
+# training folders, default output/pretrain_gpu/),
 # GATES=1 to measure the gates after each export (default: skipped, measured later with
 # `pretrain_net.py --eval-only`), EXTRA_OPTS (config opts added to every run, e.g. for a smoke test).
 set -uo pipefail
@@ -15,6 +16,7 @@ PY=${PY:-python3}
 MODELS=${MODELS:-models}
 EXTRA_OPTS=${EXTRA_OPTS:-}
 CFG=configs/pretrain/gpu
+RUNS=${RUNS:-output/pretrain_gpu}  # training folders (checkpoints, metrics), one per run
 mkdir -p "$LOG"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 t0=$(date +%s)
@@ -26,7 +28,7 @@ COMMON=(PRETRAIN.UNET.CLIP "$MODELS/synthpsg-tiny-clip" PRETRAIN.UNET.VAE "$MODE
 
 run() {  # run TASK EXPORT_DIR: train, export, log to $LOG/TASK.log
   $PY projects/SPADE/pretrain_net.py --config-file "$CFG/$1_tiny.yaml" --resume $GATE_FLAG \
-    PRETRAIN.EXPORT_DIR "$2" "${COMMON[@]}" >"$LOG/$1.log" 2>&1
+    PRETRAIN.EXPORT_DIR "$2" OUTPUT_DIR "$RUNS/$1" "${COMMON[@]}" >"$LOG/$1.log" 2>&1
 }
 
 stamp "building the caption corpus"
@@ -44,6 +46,14 @@ clip=$!
 run vae "$MODELS/synthpsg-tiny-sd" &
 vae=$!
 wait $clip; rc_clip=$?
+if [ $rc_clip -eq 0 ]; then  # the region fine-tune (text tower frozen) of the CLIP just trained
+  stamp "CLIP region fine-tune"
+  $PY projects/SPADE/pretrain_net.py --config-file configs/pretrain/clip_tiny_region.yaml --resume \
+    $GATE_FLAG MODEL.WEIGHTS "$RUNS/clip/model_final.safetensors" \
+    OUTPUT_DIR "$RUNS/clip_region" PRETRAIN.NUM_WORKERS 12 \
+    PRETRAIN.EXPORT_DIR "$MODELS/synthpsg-tiny-clip" "${COMMON[@]}" >"$LOG/clip_region.log" 2>&1
+  rc_clip=$?
+fi
 wait $vae; rc_vae=$?
 stamp "CLIP rc=$rc_clip, VAE rc=$rc_vae"
 tail -n 3 "$LOG/clip.log" "$LOG/vae.log"

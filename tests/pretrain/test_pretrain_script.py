@@ -1,0 +1,50 @@
+"""tools/pretrain_gpu.sh (how the shipped models are made on a lent GPU) runs end to end on a
+miniature of its configs: CLIP, its region fine-tune, VAE, UNet, each exported where it belongs."""
+
+import os
+import subprocess
+import sys
+
+from pretrain_helpers import TINY_OPTS
+
+from spade.utils.manifest import read_manifest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_gpu_script_runs_every_stage_on_a_miniature(tmp_path):
+    models, runs, logs = tmp_path / "models", tmp_path / "runs", tmp_path / "logs"
+    extra = TINY_OPTS + [
+        "PRETRAIN.CORPUS.ROOT", str(tmp_path / "corpus"),
+        "SOLVER.MAX_ITER", "2",
+        "MODEL.DEVICE", "cpu",
+        "PRETRAIN.NUM_WORKERS", "0",
+        "PRETRAIN.MAX_WALL_SECONDS", "0",
+    ]  # fmt: skip
+    env = dict(
+        os.environ,
+        PY=sys.executable,
+        MODELS=str(models),
+        RUNS=str(runs),
+        EXTRA_OPTS=" ".join(extra),
+    )
+    proc = subprocess.run(
+        ["bash", "tools/pretrain_gpu.sh", str(logs)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    tail = "\n".join(
+        open(logs / f).read()[-2000:] for f in sorted(os.listdir(logs)) if f.endswith(".log")
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr + tail
+    clip = read_manifest(str(models / "synthpsg-tiny-clip"))
+    # the CLIP folder holds the region fine-tune, continued from the first run's weights
+    assert clip["iterations"] == 2 and "REGION_WEIGHT: 1.0" in clip["config"]
+    assert "TRAIN_TEXT: false" in clip["config"]
+    assert (runs / "clip" / "model_final.safetensors").is_file()
+    assert (runs / "clip_region" / "model_final.safetensors").is_file()
+    for sub in ("vae", "unet"):
+        assert read_manifest(str(models / "synthpsg-tiny-sd" / sub))["iterations"] == 2
