@@ -19,14 +19,14 @@ def test_gpu_script_runs_every_stage_on_a_miniature(tmp_path):
         "SOLVER.MAX_ITER", "2",
         "MODEL.DEVICE", "cpu",
         "PRETRAIN.NUM_WORKERS", "0",
-        "PRETRAIN.MAX_WALL_SECONDS", "0",
+        "PRETRAIN.MAX_WALL_SECONDS", "0.0",
     ]  # fmt: skip
     env = dict(
         os.environ,
         PY=sys.executable,
         MODELS=str(models),
         RUNS=str(runs),
-        EXTRA_OPTS=" ".join(extra),
+        EXTRA_OPTS=" ".join(v.replace(" ", "") for v in extra),  # the script splits on spaces
     )
     proc = subprocess.run(
         ["bash", "tools/pretrain_gpu.sh", str(logs)],
