@@ -39,8 +39,9 @@ pretrain: install
 		$(PRETRAIN_ARGS) && OMP_NUM_THREADS=1 $(PRETRAIN_NET) \
 		--config-file configs/pretrain/clip_tiny_region.yaml $(PRETRAIN_ARGS); } \
 		> output/pretrain-clip.log 2>&1 & clip=$$!; \
-	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_ARGS); \
-	vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
+	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_ARGS) && \
+	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny_decoder.yaml \
+		$(PRETRAIN_ARGS); vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
 	test $$vae -eq 0 && $(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS)
 
 # The paper's ablations in miniature (docs/ABLATIONS.md): cached runs, so a second call only prints

@@ -55,6 +55,14 @@ if [ $rc_clip -eq 0 ]; then  # the region fine-tune (text tower frozen) of the C
   rc_clip=$?
 fi
 wait $vae; rc_vae=$?
+if [ $rc_vae -eq 0 ]; then  # the decoder-only fine-tune (encoder frozen) of the VAE just trained
+  stamp "VAE decoder fine-tune"
+  $PY projects/SPADE/pretrain_net.py --config-file configs/pretrain/vae_tiny_decoder.yaml --resume \
+    $GATE_FLAG MODEL.WEIGHTS "$RUNS/vae/model_final.safetensors" OUTPUT_DIR "$RUNS/vae_decoder" \
+    SOLVER.IMS_PER_BATCH 128 PRETRAIN.EXPORT_DIR "$MODELS/synthpsg-tiny-sd" "${COMMON[@]}" \
+    >"$LOG/vae_decoder.log" 2>&1
+  rc_vae=$?
+fi
 stamp "CLIP rc=$rc_clip, VAE rc=$rc_vae"
 tail -n 3 "$LOG/clip.log" "$LOG/vae.log"
 [ $rc_clip -eq 0 ] && [ $rc_vae -eq 0 ] || exit 1

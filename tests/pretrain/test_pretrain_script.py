@@ -1,5 +1,6 @@
 """tools/pretrain_gpu.sh (how the shipped models are made on a lent GPU) runs end to end on a
-miniature of its configs: CLIP, its region fine-tune, VAE, UNet, each exported where it belongs."""
+miniature of its configs: CLIP and its region fine-tune, VAE and its decoder fine-tune, UNet, each
+exported where it belongs."""
 
 import os
 import subprocess
@@ -46,5 +47,7 @@ def test_gpu_script_runs_every_stage_on_a_miniature(tmp_path):
     assert "TRAIN_TEXT: false" in clip["config"]
     assert (runs / "clip" / "model_final.safetensors").is_file()
     assert (runs / "clip_region" / "model_final.safetensors").is_file()
-    for sub in ("vae", "unet"):
-        assert read_manifest(str(models / "synthpsg-tiny-sd" / sub))["iterations"] == 2
+    vae = read_manifest(str(models / "synthpsg-tiny-sd" / "vae"))
+    assert vae["iterations"] == 2 and "TRAIN_ENCODER: false" in vae["config"]  # the fine-tune
+    assert (runs / "vae_decoder" / "model_final.safetensors").is_file()
+    assert read_manifest(str(models / "synthpsg-tiny-sd" / "unet"))["iterations"] == 2
