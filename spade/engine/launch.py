@@ -9,7 +9,10 @@ the worker's whole traceback. Here the worker turns a bad-input error (``BAD_INP
 worker's traceback, as torch reports it).
 """
 
+import logging
+import os
 import re
+import sys
 
 import torch.distributed as dist
 from detectron2.engine import launch
@@ -17,7 +20,7 @@ from torch.multiprocessing import ProcessRaisedException
 
 from .defaults import BAD_INPUT_ERRORS, _one_line
 
-__all__ = ["WorkerInputError", "launch_main", "finish_process_group"]
+__all__ = ["WorkerInputError", "launch_main", "finish_process_group", "exit_worker"]
 
 
 def finish_process_group(wait: bool = True) -> None:
@@ -32,6 +35,25 @@ def finish_process_group(wait: bool = True) -> None:
     if wait and dist.get_world_size() > 1:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def exit_worker() -> None:
+    """End a spawned worker that finished its work: its process groups (barrier first), then the
+    process itself, after flushing logs and stdio, without the interpreter's teardown.
+
+    Even after ``destroy_process_group`` a GLOO worker intermittently aborts in C++ static
+    destruction ("terminate called without an active exception", SIGABRT; 4 of 6 runs of the
+    distributed evaluator test on 2 cores), which the parent reports as a failed run although the
+    work was done. Nothing is left to clean up at this point, so the worker exits with status 0
+    directly. In a single process (no group of several ranks) this only ends the groups."""
+    spawned = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    finish_process_group()
+    if not spawned:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 class WorkerInputError(ValueError):
@@ -52,7 +74,7 @@ class _OneLineInputErrors:
             if getattr(args, "debug", False) or isinstance(e, WorkerInputError):
                 raise
             raise WorkerInputError(_one_line(e)) from None
-        finish_process_group()
+        exit_worker()  # returns only in a single process (no spawned workers)
         return result
 
 

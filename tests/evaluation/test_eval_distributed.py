@@ -13,7 +13,7 @@ from psg_eval_cases import (
     seg_a,
 )
 
-from spade.engine.launch import finish_process_group
+from spade.engine.launch import exit_worker
 from spade.evaluation.psg_evaluation import PSGEvaluator
 
 OUTPUTS = {
@@ -39,7 +39,7 @@ def _worker(name, dicts, meta, result_path):
             json.dump(results, f)
     else:
         assert results == {}
-    finish_process_group()
+    exit_worker()
 
 
 def test_two_workers_gather_to_main(make_dataset, tmp_path):
