@@ -131,6 +131,8 @@ class ClipPretrainModel(nn.Module):
     def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         device = self.clip.logit_scale.device
         images = batch["images"].to(device)
+        # CLIP clamps the learned temperature at 100
+        logit_scale = self.clip.logit_scale.clamp(max=np.log(100.0)).exp()
         losses, logs = {}, {}
         if self.region_weight > 0 and "region_masks" in batch:
             dense = clip_patch_embeddings(self.clip.visual, images)  # [B, D, g, g]
@@ -140,14 +142,12 @@ class ClipPretrainModel(nn.Module):
                 batch["region_masks"].to(device),
                 batch["region_labels"].to(device),
                 self.encode_text(batch["region_texts"].to(device)),
-                self.clip.logit_scale.clamp(max=np.log(100.0)).exp(),
+                logit_scale,
             )
             losses["loss_region"] = losses["loss_region"] * self.region_weight
         else:
             image_features = self.clip.encode_image(images, normalize=True)
         text_features = self.encode_text(batch["texts"].to(device))
-        # CLIP clamps the learned temperature at 100
-        logit_scale = self.clip.logit_scale.clamp(max=np.log(100.0)).exp()
         neg_texts = batch.get("neg_texts")
         if neg_texts is None or len(neg_texts) == 0:
             loss = self.loss(image_features, text_features, logit_scale)
@@ -306,7 +306,8 @@ def clip_batches(
                 texts.append(caption)
                 neg_texts += negs
                 neg_owner += [b] * len(negs)
-                regions.append((torch.zeros(0, region_grid, region_grid), []))
+                if region_grid:  # a crop has no segments of its own
+                    regions.append((torch.zeros(0, region_grid, region_grid), []))
             else:
                 images.append(corpus.image(i))
                 texts.append(corpus.caption(i, epoch))

@@ -128,6 +128,16 @@ def _shard_paths(root: str, k: int) -> Tuple[str, str]:
     return os.path.join(root, f"shard_{k:04d}.npy"), os.path.join(root, f"shard_{k:04d}.jsonl")
 
 
+def _render(spec: CorpusSpec, i: int):
+    """The scene of corpus image ``i`` (deterministic from the spec's seed)."""
+    return render_scene(
+        CORPUS_SEED_OFFSET + spec.seed,
+        int(i),
+        size=spec.image_size,
+        num_things=(spec.min_things, spec.max_things),
+    )
+
+
 def _build_shard(root: str, spec: CorpusSpec, k: int) -> None:
     npy, jsonl = _shard_paths(root, k)
     start = k * spec.shard_size
@@ -135,12 +145,7 @@ def _build_shard(root: str, spec: CorpusSpec, k: int) -> None:
     images = np.zeros((stop - start, spec.image_size, spec.image_size, 3), dtype=np.uint8)
     lines = []
     for i in range(start, stop):
-        scene = render_scene(
-            CORPUS_SEED_OFFSET + spec.seed,
-            i,
-            size=spec.image_size,
-            num_things=(spec.min_things, spec.max_things),
-        )
+        scene = _render(spec, i)
         images[i - start] = scene.rgb
         lines.append(json.dumps(asdict(SceneText.from_scene(scene))))
     atomic_write_bytes(jsonl, ("\n".join(lines) + "\n").encode())
@@ -305,12 +310,7 @@ class Corpus:
         (seed, i), which reproduces it exactly; a stored image that differs from the rendering is
         an error naming the corpus and the image (masks never come from another picture).
         """
-        scene = render_scene(
-            CORPUS_SEED_OFFSET + self.spec.seed,
-            int(i),
-            size=self.spec.image_size,
-            num_things=(self.spec.min_things, self.spec.max_things),
-        )
+        scene = _render(self.spec, i)
         if not np.array_equal(scene.rgb, self.image(i)):
             raise ValueError(
                 f"caption corpus {self.root}: stored image {i} differs from its rendering by "
