@@ -117,6 +117,10 @@ def _add_model_config(cfg: CN) -> None:
     s.OPEN_VOCAB.FUSION_BETA = 0.34  # beta: the same exponent for novel classes
     s.OPEN_VOCAB.USE_CLIP_BRANCH = True  # fuse the CLIP mask-pooled branch at inference
     s.OPEN_VOCAB.LOGIT_SCALE_INIT = 2.659  # log of the cosine classifier's initial temperature
+    # whiten the class text embeddings the cosine classifier compares queries with (fitted on the
+    # training vocabulary; spade.modeling.open_vocab.TextWhitening); 0 = off, (0, 1] = shrinkage
+    # toward the identity (1 = centring only). The CLIP branch always uses the raw embeddings.
+    s.OPEN_VOCAB.TEXT_WHITENING = 0.0
     s.OPEN_VOCAB.CLASS_NAMES = []  # override the dataset's class names at inference ([] = dataset)
     s.OPEN_VOCAB.PREDICATE_NAMES = []  # override the dataset's predicate names at inference
 
@@ -198,6 +202,8 @@ def _add_model_config(cfg: CN) -> None:
     s.RELATION.FUSION_ALPHA = -1.0
     s.RELATION.FUSION_BETA = -1.0
     s.RELATION.CLIP_TEMPERATURE = 100.0  # logit scale of the CLIP joint-mask predicate branch
+    # the same whitening for the predicate text of the relation head's cosine classifier
+    s.RELATION.TEXT_WHITENING = 0.0
 
 
 def _add_calibration_config(cfg: CN) -> None:
@@ -266,6 +272,8 @@ _RANGES = {
     "MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA": (0.0, 1.0),
     "MODEL.SPADE.OPEN_VOCAB.FUSION_BETA": (0.0, 1.0),
     "MODEL.SPADE.RELATION.ETA": (-1.0, 1.0),
+    "MODEL.SPADE.OPEN_VOCAB.TEXT_WHITENING": (0.0, 1.0),
+    "MODEL.SPADE.RELATION.TEXT_WHITENING": (0.0, 1.0),
     "TEST.PSG_EVAL.IOU_THRESHOLD": (0.0, 1.0),
     "SOLVER.IMS_PER_BATCH": (1, None),
     "SOLVER.MAX_ITER": (0, None),

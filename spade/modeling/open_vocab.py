@@ -26,6 +26,7 @@ from .backbone.loading import ClipParts, tokenize
 __all__ = [
     "TextEmbeddingBank",
     "CosineClassifier",
+    "TextWhitening",
     "build_text_banks",
     "prompt_name",
     "mask_pool",
@@ -119,20 +120,81 @@ def build_text_banks(cfg, clip_parts: ClipParts) -> Tuple[TextEmbeddingBank, Tex
     )
 
 
+class TextWhitening(nn.Module):
+    """Shrunk ZCA whitening of text embeddings, fitted once on a reference (training) vocabulary.
+
+    ``forward(text) = (text - mu) @ W`` with ``mu`` the reference mean and
+    ``W = S^{-1/2}``, ``S = (1 - s) * Cov + s * (tr(Cov) / D) * I`` (``s`` = ``shrinkage``). A
+    small CLIP's text embeddings of related names can be nearly collinear (the SynthPSG tiny
+    CLIP: cosine 0.999 between "above" and "below"): a cosine classifier against them cannot
+    separate the names however its input is trained. Whitening spreads the reference names over
+    the directions in which they differ; any other vocabulary (novel names) goes through the same
+    fixed map, so the classifier stays open-vocabulary. ``s = 1`` only centres.
+
+    The statistics are buffers that are not saved with a checkpoint: they are a deterministic
+    function of the frozen text tower and the training vocabulary, so the model recomputes them
+    at build time (``fit``); using the module before ``fit`` is an error.
+    """
+
+    def __init__(self, dim: int, shrinkage: float):
+        super().__init__()
+        if not 0.0 < shrinkage <= 1.0:
+            raise ValueError(f"TextWhitening: shrinkage must be in (0, 1], got {shrinkage}")
+        self.dim = int(dim)
+        self.shrinkage = float(shrinkage)
+        self.register_buffer("mean", torch.zeros(self.dim), persistent=False)
+        self.register_buffer("matrix", torch.eye(self.dim), persistent=False)
+        self.fitted = False
+
+    @torch.no_grad()
+    def fit(self, text: torch.Tensor) -> "TextWhitening":
+        """Fit on the reference vocabulary's embeddings text [N, D] (N >= 2)."""
+        if text.dim() != 2 or text.shape[1] != self.dim or len(text) < 2:
+            raise ValueError(
+                f"TextWhitening.fit needs [N >= 2, D={self.dim}] embeddings, "
+                f"got {tuple(text.shape)}"
+            )
+        x = text.double()
+        mu = x.mean(dim=0)
+        cov = (x - mu).t() @ (x - mu) / len(x)
+        scale = torch.trace(cov) / self.dim
+        if scale <= 0:
+            raise ValueError("TextWhitening.fit: the reference embeddings are all identical")
+        eye = torch.eye(self.dim, dtype=x.dtype, device=x.device)
+        shrunk = (1.0 - self.shrinkage) * cov + self.shrinkage * scale * eye
+        values, vectors = torch.linalg.eigh(shrunk)
+        matrix = vectors @ torch.diag(values.clamp(min=1e-12).rsqrt()) @ vectors.t()
+        self.mean.copy_(mu.to(self.mean))
+        self.matrix.copy_((matrix * scale.sqrt()).to(self.matrix))  # unit scale for s = 1
+        self.fitted = True
+        return self
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        """text [N, D] -> whitened [N, D] (not normalised)."""
+        if not self.fitted:
+            raise RuntimeError(
+                "TextWhitening used before fit(): the model fits it on the training vocabulary "
+                "at build time; a standalone head needs fit(training text embeddings)"
+            )
+        return (text - self.mean.to(text.dtype)) @ self.matrix.to(text.dtype)
+
+
 class CosineClassifier(nn.Module):
     """Cosine-similarity classifier against text embeddings, with a learned background embedding.
 
-    logits = exp(logit_scale) * cos(x, [text; background]); ``logit_scale`` is learnable
-    (initialised to ``logit_scale_init``, clamped at log 100 as in CLIP).
+    logits = exp(logit_scale) * cos(x, [w(text); background]); ``logit_scale`` is learnable
+    (initialised to ``logit_scale_init``, clamped at log 100 as in CLIP); ``w`` is the identity,
+    or :class:`TextWhitening` when ``text_whitening`` (its shrinkage) is > 0.
     """
 
-    def __init__(self, dim: int, logit_scale_init: float):
+    def __init__(self, dim: int, logit_scale_init: float, text_whitening: float = 0.0):
         super().__init__()
         if dim <= 0:
             raise ValueError(f"CosineClassifier: dim must be positive, got {dim}")
         self.dim = int(dim)
         self.background = nn.Parameter(torch.randn(self.dim) * self.dim**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+        self.whitening = TextWhitening(dim, text_whitening) if text_whitening > 0 else None
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """x [..., D], text [N, D] -> logits [..., N + 1] (last column: background, no relation)"""
@@ -141,7 +203,10 @@ class CosineClassifier(nn.Module):
                 f"CosineClassifier(dim={self.dim}): got x {tuple(x.shape)}, "
                 f"text {tuple(text.shape)}"
             )
-        weights = torch.cat([text.to(x.dtype), self.background.to(x.dtype)[None]], dim=0)
+        text = text.to(x.dtype)
+        if self.whitening is not None:
+            text = self.whitening(text)
+        weights = torch.cat([text, self.background.to(x.dtype)[None]], dim=0)
         cosine = F.normalize(x, dim=-1) @ F.normalize(weights, dim=-1).t()
         return self.logit_scale.clamp(max=_MAX_LOGIT_SCALE).exp() * cosine
 

@@ -211,6 +211,35 @@ def test_vocabulary_replacement():
     assert model.vocabulary.class_names == tuple(THINGS + STUFF)
 
 
+def test_text_whitening_is_fitted_on_the_training_vocabulary():
+    from spade.modeling.open_vocab import TextWhitening
+
+    cfg = tiny_cfg(relation=True, open_vocab=True)
+    cfg.MODEL.SPADE.OPEN_VOCAB.TEXT_WHITENING = 0.2
+    cfg.MODEL.SPADE.RELATION.TEXT_WHITENING = 0.1
+    model = build_model(cfg)
+    class_white = model.classifier.cosine.whitening
+    predicate_white = model.relation_head.predicates.cosine.whitening
+    expected = TextWhitening(class_white.dim, 0.2).fit(model.text_bank.get(THINGS + STUFF))
+    assert torch.allclose(class_white.matrix, expected.matrix)
+    expected = TextWhitening(predicate_white.dim, 0.1).fit(
+        model.predicate_text_bank.get(PREDICATES)
+    )
+    assert torch.allclose(predicate_white.mean, expected.mean)
+    assert torch.allclose(predicate_white.matrix, expected.matrix)
+    # an inference vocabulary is mapped with the training statistics, never refitted
+    model.eval().set_vocabulary(["disc", "ring", "sky"], ["near", "on"])
+    assert torch.allclose(predicate_white.matrix, expected.matrix)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        result = model([make_input(gen, 3)])[0]
+    assert result["relations"]["predicate_scores"].shape[1] == 2
+    # off by default: no whitening module
+    plain = build_model(tiny_cfg(relation=True, open_vocab=True))
+    assert plain.classifier.cosine.whitening is None
+    assert plain.relation_head.predicates.cosine.whitening is None
+
+
 def test_relation_head_plumbing():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(4)

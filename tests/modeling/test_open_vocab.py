@@ -10,6 +10,7 @@ from spade.modeling.backbone.loading import tokenize
 from spade.modeling.open_vocab import (
     CosineClassifier,
     TextEmbeddingBank,
+    TextWhitening,
     build_text_banks,
     geometric_fusion,
     joint_mask_pool,
@@ -87,6 +88,56 @@ def test_cosine_classifier_temperature_is_clamped():
     clf = CosineClassifier(dim=2, logit_scale_init=10.0)
     out = clf(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
     assert out[0, 0].item() == pytest.approx(100.0, rel=1e-4)
+
+
+def test_text_whitening_hand_values():
+    # reference: (+-a, 1) in 2-D; mean (0, 1), covariance diag(a^2, 0); tr / D = a^2 / 2
+    a = 0.1
+    ref = torch.tensor([[a, 1.0], [-a, 1.0]])
+    # s = 1 only centres
+    w = TextWhitening(2, 1.0).fit(ref)
+    assert torch.allclose(w(ref), torch.tensor([[a, 0.0], [-a, 0.0]]), atol=1e-6)
+    # s = 0.5: S = diag(0.5 a^2 + 0.25 a^2, 0.25 a^2); W = S^-1/2 * a / sqrt(2)
+    w = TextWhitening(2, 0.5).fit(ref)
+    k = a / math.sqrt(2)
+    expected_w = torch.diag(
+        torch.tensor([k / math.sqrt(0.75 * a * a), k / math.sqrt(0.25 * a * a)])
+    )
+    assert torch.allclose(w.matrix, expected_w, atol=1e-5)
+    assert torch.allclose(w.mean, torch.tensor([0.0, 1.0]))
+    novel = torch.tensor([[0.0, 1.5]])  # another name goes through the same fixed map
+    assert torch.allclose(w(novel), torch.tensor([[0.0, 0.5 * k / math.sqrt(0.25 * a * a)]]))
+
+
+def test_text_whitening_separates_nearly_collinear_names():
+    # two names at cosine 0.999 (the tiny CLIP's "above" / "below"): a cosine classifier cannot
+    # tell them apart by more than ~4.5 logits even at temperature 100; whitened, it can
+    gen = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(1, 8, generator=gen), dim=-1)
+    ref = F.normalize(base + 0.02 * torch.randn(5, 8, generator=gen), dim=-1)
+    assert (ref @ ref.t()).min() > 0.99
+    white = F.normalize(TextWhitening(8, 0.01).fit(ref)(ref), dim=-1)
+    off = (white @ white.t())[~torch.eye(5, dtype=torch.bool)]
+    assert off.max() < 0.05  # the 5 names end near a regular simplex (cosine -1/4)
+    assert off.mean().item() == pytest.approx(-0.25, abs=0.02)
+    clf = CosineClassifier(8, math.log(10.0), text_whitening=0.01)
+    with pytest.raises(RuntimeError, match="before fit"):
+        clf(torch.zeros(1, 8), ref)
+    clf.whitening.fit(ref)
+    logits = clf(white, ref)  # a query along a whitened name picks that name
+    assert torch.equal(logits[:, :5].argmax(dim=1), torch.arange(5))
+    assert "whitening.mean" not in clf.state_dict()  # recomputed at build, never checkpointed
+
+
+def test_text_whitening_bad_input():
+    with pytest.raises(ValueError, match="shrinkage"):
+        TextWhitening(4, 0.0)
+    with pytest.raises(ValueError, match="N >= 2"):
+        TextWhitening(4, 0.1).fit(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="D=4"):
+        TextWhitening(4, 0.1).fit(torch.ones(3, 5))
+    with pytest.raises(ValueError, match="identical"):
+        TextWhitening(4, 0.1).fit(torch.ones(3, 4))
 
 
 def test_mask_pool_hand_values_and_empty_masks():

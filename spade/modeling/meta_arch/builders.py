@@ -83,7 +83,9 @@ def build_spade_parts(cfg: CfgNode) -> Dict[str, Any]:
         classifier = OpenVocabClassifier(
             s.MASK_HEAD.HIDDEN_DIM,
             clip.embed_dim,
-            CosineClassifier(clip.embed_dim, s.OPEN_VOCAB.LOGIT_SCALE_INIT),
+            CosineClassifier(
+                clip.embed_dim, s.OPEN_VOCAB.LOGIT_SCALE_INIT, s.OPEN_VOCAB.TEXT_WHITENING
+            ),
         )
         parts["use_clip_branch"] = s.OPEN_VOCAB.USE_CLIP_BRANCH
     else:

@@ -107,6 +107,7 @@ class SPADE(nn.Module):
             is_thing=test_vocabulary.is_thing,
             novel_classes=test_vocabulary.novel_classes,
         )
+        self._fit_text_whitening()
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.size_divisibility = size_divisibility
@@ -134,6 +135,23 @@ class SPADE(nn.Module):
         return self.pixel_mean.device
 
     # ------------------------------------------------------------------ vocabulary
+    def _fit_text_whitening(self) -> None:
+        """Fit the cosine classifiers' text whitening (OPEN_VOCAB / RELATION.TEXT_WHITENING), when
+        on, on the *training* vocabulary's text; inference vocabularies go through the same map."""
+        whitening = getattr(getattr(self.classifier, "cosine", None), "whitening", None)
+        if whitening is not None:
+            whitening.fit(self.text_bank.get(list(self.train_vocabulary.class_names)))
+        predicates = getattr(self.relation_head, "predicates", None)
+        whitening = getattr(getattr(predicates, "cosine", None), "whitening", None)
+        if whitening is not None:
+            names = list(self.train_vocabulary.predicate_names)
+            if self.predicate_text_bank is None or len(names) < 2:
+                raise ValueError(
+                    "MODEL.SPADE.RELATION.TEXT_WHITENING needs the text of at least 2 training "
+                    f"predicates (training vocabulary has {len(names)})"
+                )
+            whitening.fit(self.predicate_text_bank.get(names))
+
     def set_vocabulary(
         self,
         class_names: Sequence[str],

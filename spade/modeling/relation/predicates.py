@@ -37,6 +37,7 @@ class PredicateClassifier(nn.Module):
         clip_temperature: float,
         fusion_alpha: float,
         fusion_beta: float,
+        text_whitening: float = 0.0,
     ):
         """
         Args:
@@ -47,6 +48,8 @@ class PredicateClassifier(nn.Module):
             clip_temperature: temperature of the CLIP branch's cosine logits.
             fusion_alpha, fusion_beta: geometric-fusion weights (beta: novel predicates; the head
                 is not told which predicates are novel, so alpha applies to all).
+            text_whitening: shrinkage of the cosine classifier's TextWhitening (0 = none); the
+                CLIP branch compares with the raw text.
         """
         super().__init__()
         if text_dim <= 0 and num_predicates <= 0:
@@ -61,7 +64,9 @@ class PredicateClassifier(nn.Module):
         self.fusion_alpha = fusion_alpha
         self.fusion_beta = fusion_beta
         self.text_proj = nn.Linear(hidden_dim, text_dim) if text_dim > 0 else None
-        self.cosine = CosineClassifier(text_dim, logit_scale_init) if text_dim > 0 else None
+        self.cosine = (
+            CosineClassifier(text_dim, logit_scale_init, text_whitening) if text_dim > 0 else None
+        )
         self.closed_set = nn.Linear(hidden_dim, num_predicates + 1) if num_predicates > 0 else None
 
     def vocabulary_size(self, predicate_text: Optional[Tensor]) -> int:

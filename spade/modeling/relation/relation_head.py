@@ -95,6 +95,7 @@ class RGTRelationHead(nn.Module):
         fusion_beta: float,
         clip_temperature: float,
         criterion: RelationCriterion,
+        text_whitening: float = 0.0,
     ):
         """
         Args:
@@ -114,6 +115,8 @@ class RGTRelationHead(nn.Module):
             fusion_alpha, fusion_beta: geometric-fusion weights (OPEN_VOCAB.FUSION_ALPHA / _BETA).
             clip_temperature: temperature of the CLIP predicate branch's cosine logits.
             criterion: L_rel + L_rqc.
+            text_whitening: shrinkage of the predicate text whitening (0 = none; the model fits
+                it on the training predicates, ``predicates.cosine.whitening.fit``).
         """
         super().__init__()
         if pair_chunk <= 0 or num_pairs <= 0:
@@ -169,6 +172,7 @@ class RGTRelationHead(nn.Module):
             clip_temperature=clip_temperature,
             fusion_alpha=fusion_alpha,
             fusion_beta=fusion_beta,
+            text_whitening=text_whitening,
         )
 
     @classmethod
@@ -208,6 +212,7 @@ class RGTRelationHead(nn.Module):
             "fusion_alpha": _fusion(r.FUSION_ALPHA, cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA),
             "fusion_beta": _fusion(r.FUSION_BETA, cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_BETA),
             "clip_temperature": r.CLIP_TEMPERATURE,
+            "text_whitening": r.TEXT_WHITENING,
             "criterion": RelationCriterion(
                 rel_weight=r.REL_WEIGHT,
                 rqc_weight=r.RQC_WEIGHT,
