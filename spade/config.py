@@ -121,6 +121,12 @@ def _add_model_config(cfg: CN) -> None:
     # training vocabulary; spade.modeling.open_vocab.TextWhitening); 0 = off, (0, 1] = shrinkage
     # toward the identity (1 = centring only). The CLIP branch always uses the raw embeddings.
     s.OPEN_VOCAB.TEXT_WHITENING = 0.0
+    # CLIP branch regions: 0 = the paper's dense CLIP features pooled under each query's mask;
+    # > 0 = also a square crop of side CLIP_CROP_SCALE x the longer side of the mask's box,
+    # encoded by CLIP's image tower (as region classifiers of open-vocabulary detection do),
+    # scoring things; the query's P_clip mixes crop and mask pooling by its diffusion-branch
+    # thing probability (stuff stays mask-pooled).
+    s.OPEN_VOCAB.CLIP_CROP_SCALE = 0.0
     s.OPEN_VOCAB.CLASS_NAMES = []  # override the dataset's class names at inference ([] = dataset)
     s.OPEN_VOCAB.PREDICATE_NAMES = []  # override the dataset's predicate names at inference
 
@@ -273,6 +279,7 @@ _RANGES = {
     "MODEL.SPADE.OPEN_VOCAB.FUSION_BETA": (0.0, 1.0),
     "MODEL.SPADE.RELATION.ETA": (-1.0, 1.0),
     "MODEL.SPADE.OPEN_VOCAB.TEXT_WHITENING": (0.0, 1.0),
+    "MODEL.SPADE.OPEN_VOCAB.CLIP_CROP_SCALE": (0.0, None),
     "MODEL.SPADE.RELATION.TEXT_WHITENING": (0.0, 1.0),
     "TEST.PSG_EVAL.IOU_THRESHOLD": (0.0, 1.0),
     "SOLVER.IMS_PER_BATCH": (1, None),

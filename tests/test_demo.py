@@ -198,8 +198,8 @@ def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch, syn
     # exist and their plumbing into the outputs is checked
     class_probabilities = SPADE.class_probabilities
 
-    def never_no_object(self, outputs, clip_features):
-        probs = class_probabilities(self, outputs, clip_features).clone()
+    def never_no_object(self, outputs, clip_features, images=None):
+        probs = class_probabilities(self, outputs, clip_features, images).clone()
         probs[..., -1] = 0.0
         return probs
 

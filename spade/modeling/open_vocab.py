@@ -30,6 +30,7 @@ __all__ = [
     "build_text_banks",
     "prompt_name",
     "mask_pool",
+    "square_context_boxes",
     "joint_mask_pool",
     "geometric_fusion",
 ]
@@ -326,3 +327,24 @@ def _resize_masks(masks: torch.Tensor, size, dtype: torch.dtype) -> torch.Tensor
     if masks.numel() == 0:  # no queries / pairs: interpolate rejects empty tensors
         return masks.new_zeros(*masks.shape[:-2], *size)
     return F.interpolate(masks, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def square_context_boxes(
+    boxes: torch.Tensor, scale: float, height: int, width: int
+) -> torch.Tensor:
+    """Square boxes around ``boxes`` [..., 4] (xyxy pixels) for region crops: side ``scale`` x the
+    box's longer side (at least 1/8 and at most the image's shorter side), centred on the box and
+    shifted to lie inside the image. A degenerate (empty) box becomes the centred largest square.
+    """
+    limit = float(min(height, width))
+    wh = boxes[..., 2:] - boxes[..., :2]
+    empty = wh.min(dim=-1).values <= 0
+    side = (scale * wh.max(dim=-1).values).clamp(min=limit / 8, max=limit)
+    side = torch.where(empty, torch.full_like(side, limit), side)
+    centre = (boxes[..., :2] + boxes[..., 2:]) / 2
+    image_centre = torch.tensor([width / 2, height / 2], device=boxes.device, dtype=boxes.dtype)
+    centre = torch.where(empty[..., None], image_centre.expand_as(centre), centre)
+    half = side[..., None] / 2
+    high = torch.tensor([width, height], device=boxes.device, dtype=boxes.dtype)
+    low_corner = torch.minimum((centre - half).clamp(min=0), high - side[..., None])
+    return torch.cat([low_corner, low_corner + side[..., None]], dim=-1)

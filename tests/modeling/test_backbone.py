@@ -3,6 +3,7 @@ dense CLIP features, and a training step inside a stock detectron2 SemanticSegme
 
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone, build_model
 
@@ -154,6 +155,34 @@ def test_merge_for_inference_matches_and_unmerges_for_training(make_cfg):
     assert not merged._lora_merged
     layer = merged.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2.to_q")
     assert not layer.merged
+
+
+def test_clip_crop_embeddings_encode_the_cropped_region(make_cfg):
+    backbone = _backbone(make_cfg).eval()
+    x = _images(2, 128, 192)
+    s = backbone.clip.image_size
+    s = s[0] if isinstance(s, (tuple, list)) else int(s)  # 64: a 2s x 2s box is 2x2 averaged
+    boxes = torch.tensor(
+        [
+            [[0.0, 0.0, 2 * s, 2 * s], [64.0, 0.0, 64 + 2 * s, 2 * s]],
+            [[10.0, 0.0, 10 + 2 * s, 2 * s]] * 2,
+        ]
+    )
+    out = backbone.clip_crop_embeddings(x, boxes)
+    assert out.shape == (2, 2, backbone.clip.embed_dim) and not out.requires_grad
+    unit = backbone.unit_rgb(x)
+    mean = torch.tensor(backbone.clip.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(backbone.clip.image_std).view(1, 3, 1, 1)
+    for b, i in [(0, 0), (0, 1), (1, 0)]:
+        x0 = int(boxes[b, i, 0])
+        crop = F.avg_pool2d(unit[b : b + 1, :, : 2 * s, x0 : x0 + 2 * s], 2)
+        with torch.no_grad():
+            expected = backbone.clip.model.encode_image((crop - mean) / std)[0]
+        assert torch.allclose(out[b, i], expected, atol=1e-4)
+    assert torch.allclose(out[1, 0], out[1, 1])
+    assert backbone.clip_crop_embeddings(x, torch.zeros(2, 0, 4)).shape == (2, 0, out.shape[-1])
+    with pytest.raises(ValueError, match="boxes must be"):
+        backbone.clip_crop_embeddings(x, torch.zeros(3, 1, 4))
 
 
 def test_clip_dense_features_are_projected_patch_tokens(make_cfg):

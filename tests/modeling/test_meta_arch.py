@@ -126,6 +126,39 @@ def test_diffusion_backbone_open_vocab_gradients_reach_trainable_only():
     assert not torch.allclose(fused, plain)
 
 
+def test_clip_crop_branch_mixes_crops_for_things():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(6)
+    cfg = tiny_cfg("diffusion", open_vocab=True)
+    cfg.MODEL.SPADE.OPEN_VOCAB.CLIP_CROP_SCALE = 1.6
+    cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA = cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_BETA = 0.0
+    model = build_model(cfg).eval()
+    images = model.preprocess_image([make_input(gen, 1)])
+    with torch.no_grad():
+        outputs = model.predict(images)
+        clip_features = model.backbone.clip_dense_features(images.tensor)
+        mixed = model.class_probabilities(outputs, clip_features, images.tensor)
+        text = torch.nn.functional.normalize(model.class_text_embeddings(), dim=-1)
+        p_crop = model.clip_crop_probabilities(images.tensor, outputs["pred_masks"], text)
+        with pytest.raises(ValueError, match="needs `images`"):
+            model.class_probabilities(outputs, clip_features)
+        model.clip_crop_scale = 0.0
+        pooled = model.class_probabilities(outputs, clip_features, images.tensor)
+        result = model([make_input(gen, 1)])[0]  # the crop path runs end to end
+    check_panoptic(result, 64, 48, 5)
+    # alpha = 0: the object part is P_clip scaled to 1 - p(no-object); P_clip = w P_crop +
+    # (1 - w) P_pooled with w the diffusion branch's thing share
+    p_diff = outputs["pred_logits"].softmax(-1)
+    objects = p_diff[..., :-1]
+    w = objects[..., : len(THINGS)].sum(-1, keepdim=True) / objects.sum(-1, keepdim=True)
+    keep = 1 - p_diff[..., -1:]
+    expected = (w * p_crop + (1 - w) * pooled[..., :-1] / keep) * keep
+    torch.testing.assert_close(mixed[..., :-1], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mixed[..., -1], pooled[..., -1])
+    assert not torch.allclose(mixed, pooled)
+    torch.testing.assert_close(p_crop.sum(-1), torch.ones(p_crop.shape[:2]))
+
+
 def test_inference_output_at_original_size_and_empty_result():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)

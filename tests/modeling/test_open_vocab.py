@@ -16,6 +16,7 @@ from spade.modeling.open_vocab import (
     joint_mask_pool,
     mask_pool,
     prompt_name,
+    square_context_boxes,
 )
 
 
@@ -138,6 +139,35 @@ def test_text_whitening_bad_input():
         TextWhitening(4, 0.1).fit(torch.ones(3, 5))
     with pytest.raises(ValueError, match="identical"):
         TextWhitening(4, 0.1).fit(torch.ones(3, 4))
+
+
+def test_square_context_boxes_hand_values():
+    boxes = torch.tensor(
+        [
+            [10.0, 20.0, 30.0, 30.0],  # 20 x 10, x1.5 -> side 30 around (20, 25)
+            [0.0, 0.0, 10.0, 10.0],  # side 20 around (5, 5): shifted right / down into the image
+            [90.0, 90.0, 100.0, 100.0],  # side 20 around (95, 95): shifted left / up
+            [5.0, 5.0, 5.0, 5.0],  # empty mask: the largest centred square
+            [50.0, 50.0, 51.0, 51.0],  # tiny: at least 1/8 of the shorter side
+        ]
+    )
+    scales = [1.5, 2.0, 2.0, 2.0, 1.6]
+    out = torch.stack([square_context_boxes(b, s, 100, 100) for b, s in zip(boxes, scales)])
+    expected = torch.tensor(
+        [
+            [5.0, 10.0, 35.0, 40.0],
+            [0.0, 0.0, 20.0, 20.0],
+            [80.0, 80.0, 100.0, 100.0],
+            [0.0, 0.0, 100.0, 100.0],
+            [44.25, 44.25, 56.75, 56.75],
+        ]
+    )
+    assert torch.allclose(out, expected)
+    # a wide image: the side is capped by its height; batched shapes are kept
+    wide = square_context_boxes(torch.tensor([[[0.0, 0.0, 80.0, 40.0]]]), 2.0, 50, 100)
+    assert wide.shape == (1, 1, 4) and torch.allclose(
+        wide, torch.tensor([[[15.0, 0.0, 65.0, 50.0]]])
+    )
 
 
 def test_mask_pool_hand_values_and_empty_masks():

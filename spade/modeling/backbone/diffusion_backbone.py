@@ -299,6 +299,15 @@ class DiffusionBackbone(Backbone):
         """
         return clip_dense_features(self.clip, clip_preprocess(self.unit_rgb(images), self.clip))
 
+    def clip_crop_embeddings(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings of image regions, for region classification: [B, N, D].
+
+        images: the same normalised tensor given to forward() [B, 3, H, W]; boxes: [B, N, 4]
+        xyxy pixel boxes of it. Each box is cut out (bilinear, torchvision's ``roi_align``),
+        resized to CLIP's input size and encoded by the image tower. Not normalised; no grad.
+        """
+        return clip_crop_embeddings(self.clip, self.unit_rgb(images), boxes)
+
     # ------------------------------------------------------------------ modes and trainability
 
     def train(self, mode: bool = True):
@@ -415,6 +424,31 @@ def clip_dense_features(clip: ClipParts, pixels: torch.Tensor) -> torch.Tensor:
     weight = next(visual.parameters())
     with torch.no_grad():
         return clip_patch_embeddings(visual, pixels.to(weight.dtype))
+
+
+def clip_crop_embeddings(clip: ClipParts, unit: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """CLIP image embeddings [B, N, D] of the boxes [B, N, 4] (xyxy pixels) of RGB images in
+    [0, 1] [B, 3, H, W]: crop-and-resize to clip.image_size, CLIP-normalise, encode. No grad."""
+    from torchvision.ops import roi_align
+
+    B, N = boxes.shape[:2]
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or len(unit) != B:
+        raise ValueError(
+            f"clip_crop_embeddings: boxes must be [B={len(unit)}, N, 4], got {tuple(boxes.shape)}"
+        )
+    if N == 0:
+        return unit.new_zeros(B, 0, clip.embed_dim)
+    size = clip.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    weight = next(clip.model.visual.parameters())
+    with torch.no_grad():
+        crops = roi_align(
+            unit.float(), list(boxes.float().unbind(0)), output_size=size, aligned=True
+        )  # [B * N, 3, h, w]
+        mean = torch.tensor(clip.image_mean, device=crops.device).view(1, 3, 1, 1)
+        std = torch.tensor(clip.image_std, device=crops.device).view(1, 3, 1, 1)
+        embeddings = clip.model.encode_image(((crops - mean) / std).to(weight.dtype))
+    return embeddings.float().view(B, N, -1)
 
 
 def clip_patch_embeddings(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:

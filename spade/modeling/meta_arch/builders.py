@@ -88,6 +88,7 @@ def build_spade_parts(cfg: CfgNode) -> Dict[str, Any]:
             ),
         )
         parts["use_clip_branch"] = s.OPEN_VOCAB.USE_CLIP_BRANCH
+        parts["clip_crop_scale"] = s.OPEN_VOCAB.CLIP_CROP_SCALE
     else:
         classifier = ClosedSetClassifier(s.MASK_HEAD.HIDDEN_DIM, len(train_vocab.class_names))
     relation_head = None

@@ -18,8 +18,9 @@ from detectron2.structures import ImageList
 from torch import Tensor, nn
 
 from ..criterion import SetCriterion
-from ..open_vocab import TextEmbeddingBank, geometric_fusion, mask_pool
+from ..open_vocab import TextEmbeddingBank, geometric_fusion, mask_pool, square_context_boxes
 from ..relation import relation_inference
+from ..relation.pairs import mask_boxes
 from ..transformer_decoder import MaskedAttentionDecoder
 from .builders import build_spade_parts
 from .panoptic_inference import panoptic_inference
@@ -62,6 +63,7 @@ class SPADE(nn.Module):
         text_bank: Optional[TextEmbeddingBank] = None,
         predicate_text_bank: Optional[TextEmbeddingBank] = None,
         use_clip_branch: bool = False,
+        clip_crop_scale: float = 0.0,
         relation_clip_branch: bool = False,
         pairs_from_kept_segments: bool = True,
     ):
@@ -84,6 +86,9 @@ class SPADE(nn.Module):
             text_bank / predicate_text_bank: ``TextEmbeddingBank`` of class / predicate prompts
                 (open vocabulary only).
             use_clip_branch: fuse the CLIP mask-pooled class probabilities at inference.
+            clip_crop_scale: > 0: the CLIP branch also classifies a square crop of this many
+                times each query's mask box (OPEN_VOCAB.CLIP_CROP_SCALE; things), see
+                :meth:`class_probabilities`.
             relation_clip_branch: hand the CLIP dense features to the relation head at inference.
             pairs_from_kept_segments: at inference the relation head selects its top-M query
                 pairs among pairs of two different kept panoptic segments only (False: among all
@@ -118,6 +123,13 @@ class SPADE(nn.Module):
         has_clip = callable(getattr(backbone, "clip_dense_features", None))
         self.use_clip_branch = use_clip_branch and has_clip and text_bank is not None
         self.relation_clip_branch = relation_clip_branch and has_clip and relation_head is not None
+        self.clip_crop_scale = float(clip_crop_scale)
+        if self.use_clip_branch and self.clip_crop_scale > 0:
+            if not callable(getattr(backbone, "clip_crop_embeddings", None)):
+                raise ValueError(
+                    "MODEL.SPADE.OPEN_VOCAB.CLIP_CROP_SCALE > 0 needs a backbone with "
+                    "clip_crop_embeddings (the diffusion backbone)"
+                )
         self.fusion_alpha, self.fusion_beta = fusion_alpha, fusion_beta
         # a plug-in relation head without a ``pair_mask`` argument keeps the older contract:
         # its pairs of dropped queries are discarded by relation_inference
@@ -318,18 +330,45 @@ class SPADE(nn.Module):
         return losses
 
     # ------------------------------------------------------------------ inference
-    def class_probabilities(self, outputs: Dict, clip_features: Optional[Tensor]) -> Tensor:
+    def class_probabilities(
+        self, outputs: Dict, clip_features: Optional[Tensor], images: Optional[Tensor] = None
+    ) -> Tensor:
         """[B, Q, K+1] class probabilities; with the CLIP branch, the object part is the geometric
         fusion P = P_diff^alpha * P_clip^(1-alpha) (beta for novel classes), renormalised to the
-        query's object probability 1 - p(no-object). ``clip_features``: [B, D, h', w'] or None."""
+        query's object probability 1 - p(no-object). ``clip_features``: [B, D, h', w'] or None.
+
+        P_clip comes from the dense CLIP features pooled under the query's mask; with
+        ``clip_crop_scale`` > 0 also from CLIP's embedding of a square crop around the mask's box
+        (``images``, the normalised batch [B, 3, H, W], is then required), and the query's P_clip
+        is ``w * P_crop + (1 - w) * P_pooled`` with ``w`` the diffusion branch's share of thing
+        classes in its object probability."""
         probs = outputs["pred_logits"].softmax(-1)
         if clip_features is None or self.text_bank is None:
             return probs
         pooled = F.normalize(mask_pool(clip_features, outputs["pred_masks"].sigmoid()), dim=-1)
         text = F.normalize(self.class_text_embeddings().to(pooled.dtype), dim=-1)
         p_clip = (self.clip_logit_scale() * pooled @ text.T).softmax(-1)  # [B, Q, K]
+        if self.clip_crop_scale > 0:
+            if images is None:
+                raise ValueError("class_probabilities: the CLIP crop branch needs `images`")
+            p_crop = self.clip_crop_probabilities(images, outputs["pred_masks"], text)
+            is_thing = torch.tensor(self.vocabulary.is_thing, device=probs.device)
+            objects = probs[..., :-1]
+            w = (objects * is_thing).sum(-1) / objects.sum(-1).clamp(min=1e-12)  # [B, Q]
+            p_clip = w[..., None] * p_crop + (1 - w[..., None]) * p_clip
         novel = torch.tensor(self.vocabulary.novel_classes, dtype=torch.bool, device=probs.device)
         return geometric_fusion(probs, p_clip, self.fusion_alpha, self.fusion_beta, novel)
+
+    def clip_crop_probabilities(self, images: Tensor, mask_logits: Tensor, text: Tensor) -> Tensor:
+        """P_crop [B, Q, K]: CLIP's class probabilities of a square crop around each query's mask
+        box (side ``clip_crop_scale`` x its longer side; the whole image for an empty mask).
+        images [B, 3, H, W] (normalised, padded), mask_logits [B, Q, h, w], text [K, D] unit."""
+        H, W = images.shape[-2:]
+        boxes = mask_boxes(mask_logits > 0)  # [B, Q, 4] in [0, 1]
+        boxes = boxes * torch.tensor([W, H, W, H], device=boxes.device, dtype=boxes.dtype)
+        boxes = square_context_boxes(boxes, self.clip_crop_scale, H, W)
+        crops = F.normalize(self.backbone.clip_crop_embeddings(images, boxes), dim=-1)
+        return (self.clip_logit_scale() * crops @ text.to(crops.dtype).T).softmax(-1)
 
     def clip_logit_scale(self) -> float:
         """Temperature of the CLIP branch: the CLIP model's own logit scale (100 if it has none)."""
@@ -356,7 +395,7 @@ class SPADE(nn.Module):
             with torch.no_grad():
                 clip_features = self.backbone.clip_dense_features(images.tensor)  # [B, D, h', w']
         class_probs = self.class_probabilities(
-            outputs, clip_features if self.use_clip_branch else None
+            outputs, clip_features if self.use_clip_branch else None, images.tensor
         )
         padded = images.tensor.shape[-2:]
         results, kept = [], []
