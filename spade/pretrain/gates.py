@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 GATE_TARGETS = {
     "vae/psnr_db": 30.0,
-    "clip/segments_things_top1": 0.90,
+    # things the way the SynthPSG stage 2 names them (context crops, OPEN_VOCAB.CLIP_CROP_SCALE);
+    # stuff the way it names stuff (dense features pooled under the mask)
+    "clip/context_crops_things_top1": 0.90,
     "clip/segments_stuff_top1": 0.90,
     "clip/colour_shape_top1": 0.80,
     "clip/retrieval_i2t_r1": 0.50,

@@ -35,6 +35,9 @@ from .gates import CLASS_NAMES, GATE_TARGETS, ValImage
 __all__ = ["clip_gates", "name_separation"]
 
 _STAGE2_TEMPLATES = ["a photo of a {}.", "a {} in the scene.", "there is a {}."]
+# side of the context crop around a segment's box, in box sides: the SynthPSG configs'
+# MODEL.SPADE.OPEN_VOCAB.CLIP_CROP_SCALE (the same square crop, min side 16 px at 128 px)
+CONTEXT_CROP_SCALE = 1.6
 
 
 def _to_unit(rgb: np.ndarray) -> torch.Tensor:
@@ -62,11 +65,16 @@ def _square_crop(rgb: np.ndarray, box, margin: float = 1.6) -> np.ndarray:
 
 
 def _segment_accuracy(clip, images: List[ValImage]) -> Dict:
+    """Ground-truth segments named among all class names, three ways: dense features pooled under
+    the mask (stage 2's CLIP branch), masked crops, and context crops (the unmasked square crop of
+    CONTEXT_CROP_SCALE x the segment's box that stage 2 classifies with OPEN_VOCAB.CLIP_CROP_SCALE
+    - the SynthPSG configs score things that way)."""
     bank = TextEmbeddingBank(clip, _STAGE2_TEMPLATES)
     text = bank.get([n for n in CLASS_NAMES])
     n_things = len(THING_CLASSES)
     hits = {"things": [], "stuff": []}
     crop_hits = {"things": [], "stuff": []}
+    context_hits = {"things": [], "stuff": []}
     for im in images:
         x = clip_preprocess(_to_unit(im.rgb), clip)
         dense = clip_dense_features(clip, x)  # [1, D, g, g]
@@ -78,14 +86,18 @@ def _segment_accuracy(clip, images: List[ValImage]) -> Dict:
             masked = np.where(m[..., None], im.rgb, 128).astype(np.uint8)
             crops.append(_square_crop(masked, im.boxes[s], margin=1.1))
         crop_pred = (_encode_images(clip, crops) @ text.t()).argmax(dim=-1).tolist()
+        context = [_square_crop(im.rgb, box, margin=CONTEXT_CROP_SCALE) for box in im.boxes]
+        context_pred = (_encode_images(clip, context) @ text.t()).argmax(dim=-1).tolist()
         for s, cat in enumerate(im.categories):
             kind = "things" if cat < n_things else "stuff"
             hits[kind].append(pred[s] == cat)
             crop_hits[kind].append(crop_pred[s] == cat)
+            context_hits[kind].append(context_pred[s] == cat)
     out = {}
     for kind in ("things", "stuff"):
         out[f"clip/segments_{kind}_top1"] = round(float(np.mean(hits[kind])), 4)
         out[f"clip/crops_{kind}_top1"] = round(float(np.mean(crop_hits[kind])), 4)
+        out[f"clip/context_crops_{kind}_top1"] = round(float(np.mean(context_hits[kind])), 4)
         out[f"clip/segments_{kind}_count"] = len(hits[kind])
     return out
 
