@@ -210,6 +210,11 @@ def _add_model_config(cfg: CN) -> None:
     s.RELATION.CLIP_TEMPERATURE = 100.0  # logit scale of the CLIP joint-mask predicate branch
     # the same whitening for the predicate text of the relation head's cosine classifier
     s.RELATION.TEXT_WHITENING = 0.0
+    # train L_rel also on every ordered pair of matched queries (ground-truth objects without a
+    # relation are "no relation" rows), besides the top-M selected pairs and the ground-truth
+    # pairs: without them, pairs the selection never picks in training (e.g. stuff-stuff) reach
+    # inference with no negative example
+    s.RELATION.TRAIN_MATCHED_PAIRS = False
 
 
 def _add_calibration_config(cfg: CN) -> None:

@@ -8,6 +8,7 @@ import torch
 from spade.modeling.relation.relation_criterion import (
     RelationCriterion,
     add_target_pairs,
+    matched_pairs,
     predicate_targets,
     relation_loss,
     relation_targets,
@@ -50,6 +51,19 @@ def test_unselected_gt_pairs_are_added():
         [0, 1],
         [1, 0],
     ]
+
+
+def test_matched_pairs_every_ordered_pair():
+    assert matched_pairs(torch.tensor([4, 0, 2])).tolist() == [
+        [4, 0],
+        [4, 2],
+        [0, 4],
+        [0, 2],
+        [2, 4],
+        [2, 0],
+    ]
+    assert matched_pairs(torch.tensor([3])).shape == (0, 2)
+    assert matched_pairs(torch.zeros(0, dtype=torch.long)).shape == (0, 2)
 
 
 def test_predicate_targets_soft_labels_and_no_relation():

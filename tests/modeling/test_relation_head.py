@@ -91,6 +91,25 @@ def test_gt_pairs_outside_top_m_are_trained(monkeypatch):
     assert len(seen[1]) == 1  # empty image: only the selected pair
 
 
+def test_matched_pairs_are_trained_as_no_relation_when_asked(monkeypatch):
+    head = _head(NUM_PAIRS=1, TRAIN_MATCHED_PAIRS=True).train()
+    seen = []
+    original = head.predicate_logits
+
+    def spy(q, pairs, *args):
+        seen.append(pairs.tolist())
+        return original(q, pairs, *args)
+
+    monkeypatch.setattr(head, "predicate_logits", spy)
+    targets, matches = _targets()
+    head(**_inputs(), targets=targets, matches=matches)
+    # matched queries 4, 0, 2: all 6 ordered pairs are rows, the selected pair as well
+    ordered = {(a, b) for a in (4, 0, 2) for b in (4, 0, 2) if a != b}
+    assert ordered <= {tuple(p) for p in seen[0]} and len(seen[0]) <= 7
+    assert len({tuple(p) for p in seen[0]}) == len(seen[0])  # no pair twice
+    assert len(seen[1]) == 1  # nothing matched: only the selected pair
+
+
 def test_inference_output_format_and_vocabulary_swap():
     head = _head().eval()
     with torch.no_grad():

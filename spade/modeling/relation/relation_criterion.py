@@ -25,6 +25,7 @@ from torch import Tensor, nn
 __all__ = [
     "relation_targets",
     "add_target_pairs",
+    "matched_pairs",
     "predicate_targets",
     "relation_loss",
     "rqc_loss",
@@ -90,6 +91,17 @@ def add_target_pairs(selected: Tensor, target_pairs: Tensor, num_queries: int) -
     missing = key_gt[~torch.isin(key_gt, key_sel)]
     extra = torch.stack([missing // num_queries, missing % num_queries], dim=1)
     return torch.cat([selected, extra], dim=0)
+
+
+def matched_pairs(query_idx: Tensor) -> Tensor:
+    """Every ordered pair (i, j), i != j, of the matched queries ``query_idx`` [N']: long
+    [N'(N'-1), 2], row-major in the order of ``query_idx``."""
+    q = query_idx.long().flatten()
+    n = len(q)
+    if n < 2:
+        return torch.zeros(0, 2, dtype=torch.long, device=q.device)
+    grid = torch.stack(torch.meshgrid(q, q, indexing="ij"), dim=-1).reshape(-1, 2)
+    return grid[~torch.eye(n, dtype=torch.bool, device=q.device).flatten()]
 
 
 def predicate_targets(

@@ -35,6 +35,7 @@ from .predicates import PredicateClassifier
 from .relation_criterion import (
     RelationCriterion,
     add_target_pairs,
+    matched_pairs,
     predicate_targets,
     relation_targets,
 )
@@ -96,6 +97,7 @@ class RGTRelationHead(nn.Module):
         clip_temperature: float,
         criterion: RelationCriterion,
         text_whitening: float = 0.0,
+        train_matched_pairs: bool = False,
     ):
         """
         Args:
@@ -117,6 +119,7 @@ class RGTRelationHead(nn.Module):
             criterion: L_rel + L_rqc.
             text_whitening: shrinkage of the predicate text whitening (0 = none; the model fits
                 it on the training predicates, ``predicates.cosine.whitening.fit``).
+            train_matched_pairs: L_rel also on every ordered pair of matched queries.
         """
         super().__init__()
         if pair_chunk <= 0 or num_pairs <= 0:
@@ -131,6 +134,7 @@ class RGTRelationHead(nn.Module):
             knn=knn,
         )
         self.num_pairs = num_pairs
+        self.train_matched_pairs = bool(train_matched_pairs)
         self.pair_chunk = pair_chunk
         self.use_clip_branch = use_clip_branch
         self.baseline_pair_mlp = baseline_pair_mlp
@@ -213,6 +217,7 @@ class RGTRelationHead(nn.Module):
             "fusion_beta": _fusion(r.FUSION_BETA, cfg.MODEL.SPADE.OPEN_VOCAB.FUSION_BETA),
             "clip_temperature": r.CLIP_TEMPERATURE,
             "text_whitening": r.TEXT_WHITENING,
+            "train_matched_pairs": r.TRAIN_MATCHED_PAIRS,
             "criterion": RelationCriterion(
                 rel_weight=r.REL_WEIGHT,
                 rqc_weight=r.RQC_WEIGHT,
@@ -288,6 +293,8 @@ class RGTRelationHead(nn.Module):
                 image_index=b,
             )
             pairs = add_target_pairs(select_pairs(ranking[b], self.num_pairs), target_pairs, Q)
+            if self.train_matched_pairs:
+                pairs = add_target_pairs(pairs, matched_pairs(query_idx.to(q.device)), Q)
             logits.append(
                 self.predicate_logits(
                     q[b], pairs, boxes[b], soft_masks[b], pooled_map[b], predicate_text
