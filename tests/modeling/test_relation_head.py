@@ -75,8 +75,8 @@ def test_no_relations_anywhere_still_trains_no_relation():
     sum(losses.values()).backward()
 
 
-def test_gt_pairs_outside_top_m_are_trained(monkeypatch):
-    head = _head(NUM_PAIRS=1).train()
+def _spy_on_scored_pairs(monkeypatch, head):
+    """The pairs [M, 2] each predicate_logits call of ``head`` scores, one list per call."""
     seen = []
     original = head.predicate_logits
 
@@ -85,6 +85,12 @@ def test_gt_pairs_outside_top_m_are_trained(monkeypatch):
         return original(q, pairs, *args)
 
     monkeypatch.setattr(head, "predicate_logits", spy)
+    return seen
+
+
+def test_gt_pairs_outside_top_m_are_trained(monkeypatch):
+    head = _head(NUM_PAIRS=1).train()
+    seen = _spy_on_scored_pairs(monkeypatch, head)
     targets, matches = _targets()
     head(**_inputs(), targets=targets, matches=matches)
     assert len(seen[0]) <= 3 and [4, 0] in seen[0] and [0, 2] in seen[0]  # GT pairs in queries
@@ -93,14 +99,7 @@ def test_gt_pairs_outside_top_m_are_trained(monkeypatch):
 
 def test_matched_pairs_are_trained_as_no_relation_when_asked(monkeypatch):
     head = _head(NUM_PAIRS=1, TRAIN_MATCHED_PAIRS=True).train()
-    seen = []
-    original = head.predicate_logits
-
-    def spy(q, pairs, *args):
-        seen.append(pairs.tolist())
-        return original(q, pairs, *args)
-
-    monkeypatch.setattr(head, "predicate_logits", spy)
+    seen = _spy_on_scored_pairs(monkeypatch, head)
     targets, matches = _targets()
     head(**_inputs(), targets=targets, matches=matches)
     # matched queries 4, 0, 2: all 6 ordered pairs are rows, the selected pair as well

@@ -444,10 +444,8 @@ def clip_crop_embeddings(clip: ClipParts, unit: torch.Tensor, boxes: torch.Tenso
     with torch.no_grad():
         crops = roi_align(
             unit.float(), list(boxes.float().unbind(0)), output_size=size, aligned=True
-        )  # [B * N, 3, h, w]
-        mean = torch.tensor(clip.image_mean, device=crops.device).view(1, 3, 1, 1)
-        std = torch.tensor(clip.image_std, device=crops.device).view(1, 3, 1, 1)
-        embeddings = clip.model.encode_image(((crops - mean) / std).to(weight.dtype))
+        )  # [B * N, 3, h, w], already at CLIP's size: clip_preprocess only normalises
+        embeddings = clip.model.encode_image(clip_preprocess(crops, clip).to(weight.dtype))
     return embeddings.float().view(B, N, -1)
 
 
