@@ -13,6 +13,7 @@ from detectron2.structures import Instances
 import spade.modeling  # noqa: F401  (registers SPADE, the backbone and the heads)
 from spade.config import add_spade_config
 from spade.modeling.meta_arch import panoptic_inference
+from spade.modeling.meta_arch.query_classifier import MaskShapeEmbedding
 
 THINGS, STUFF, PREDICATES = ["disc", "box", "star"], ["sky", "grass"], ["left of", "above", "on"]
 DATASET = "spade_test_meta_arch"
@@ -159,6 +160,30 @@ def test_clip_crop_branch_mixes_crops_for_things():
     torch.testing.assert_close(p_crop.sum(-1), torch.ones(p_crop.shape[:2]))
 
 
+def test_clip_crop_boxes_come_from_masks_at_image_resolution():
+    torch.manual_seed(0)
+    cfg = tiny_cfg("diffusion", open_vocab=True)
+    cfg.MODEL.SPADE.OPEN_VOCAB.CLIP_CROP_SCALE = 1.0
+    model = build_model(cfg).eval()
+    seen = []
+
+    def spy(images, boxes):
+        seen.append(boxes.clone())
+        return torch.randn(*boxes.shape[:-1], model.class_text_embeddings().shape[1])
+
+    model.backbone.clip_crop_embeddings = spy
+    # a 4 x 4 mask map of a 16 x 16 image: columns -10, 10, 2, -10 on rows 1-2. Its cells give
+    # the box x [4, 12); bilinear upsampling puts the mask's edge inside column 2 (pixels 4-10
+    # positive: at pixel 10 the logit is 2 - 12 x 0.125 = 0.5, at 11 it is -2.5), y [4, 12).
+    logits = torch.full((1, 1, 4, 4), -10.0)
+    logits[0, 0, 1:3] = torch.tensor([-10.0, 10.0, 2.0, -10.0])
+    text = torch.nn.functional.normalize(model.class_text_embeddings(), dim=-1)
+    with torch.no_grad():
+        model.clip_crop_probabilities(torch.zeros(1, 3, 16, 16), logits, text)
+    # tight box x [4, 11), y [4, 12) -> square of side 8 centred on (7.5, 8)
+    torch.testing.assert_close(seen[0], torch.tensor([[[3.5, 4.0, 11.5, 12.0]]]))
+
+
 def test_inference_output_at_original_size_and_empty_result():
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(2)
@@ -222,6 +247,61 @@ def test_panoptic_inference_hand_made():
         panoptic_inference(
             probs, masks[:2], [True] * 3, object_mask_threshold=0.8, overlap_threshold=0.8
         )
+
+
+def test_panoptic_inference_reassigns_pixels_of_dropped_queries():
+    # 1 x 4 image; classes: 0 thing, 1 stuff (+ no-object 2)
+    probs = torch.tensor(
+        [
+            [0.60, 0.30, 0.10],  # q0 thing: pixels 0-1
+            [0.70, 0.20, 0.10],  # q1 thing: pixels 1-3, outscores q0 on pixel 1
+            [0.05, 0.90, 0.05],  # q2 stuff: pixels 2-3, outscores q1 there
+        ]
+    )
+    masks = torch.full((3, 1, 4), -10.0)
+    masks[0, 0, :2] = 10
+    masks[1, 0, 1:] = 10
+    masks[2, 0, 2:] = 10
+    kw = dict(object_mask_threshold=0.5, overlap_threshold=0.8)
+    # one pass: q0 wins 1 of its 2 pixels, q1 1 of 3: both dropped, pixels 0-1 void
+    seg, info, q2s = panoptic_inference(probs, masks, [True, False], **kw)
+    assert seg.tolist() == [[0, 0, 1, 1]] and q2s.tolist() == [0, 0, 1]
+    assert [(i["category_id"], i["isthing"]) for i in info] == [(1, False)]
+    # repeated: q1 (the best-scoring failure) goes first, then q0 wins both its pixels
+    seg, info, q2s = panoptic_inference(probs, masks, [True, False], reassign_dropped=True, **kw)
+    assert seg.tolist() == [[1, 1, 2, 2]] and q2s.tolist() == [1, 0, 2]
+    assert [(i["category_id"], i["isthing"]) for i in info] == [(0, True), (1, False)]
+    # a duplicate mask of lower score wins nothing: dropped, the other kept
+    seg, info, q2s = panoptic_inference(
+        probs[:2], masks[[1, 1]], [True, False], reassign_dropped=True, **kw
+    )
+    assert seg.tolist() == [[0, 1, 1, 1]] and q2s.tolist() == [0, 1]
+
+
+def test_model_classifies_queries_with_their_mask_shape():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(5)
+    cfg = tiny_cfg(relation=True)
+    cfg.MODEL.SPADE.MASK_HEAD.SHAPE_EMBED_SIZE = 8
+    model = build_model(cfg).train()
+    assert isinstance(model.mask_shape_embed, MaskShapeEmbedding)
+    losses = model([make_input(gen, 3), make_input(gen, 2)])
+    sum(losses.values()).backward()
+    assert model.mask_shape_embed.mlp[-1].weight.grad.abs().sum() > 0
+    # a non-zero embedding changes the class logits of every layer, not the relation head's
+    # query features
+    torch.nn.init.normal_(model.mask_shape_embed.mlp[-1].weight)
+    images = model.preprocess_image([make_input(gen, 3)])
+    with torch.no_grad():
+        with_shape = model.predict(images)
+        embed, model.mask_shape_embed = model.mask_shape_embed, None
+        without = model.predict(images)
+        model.mask_shape_embed = embed
+    torch.testing.assert_close(with_shape["query_features"], without["query_features"])
+    assert not torch.allclose(with_shape["pred_logits"], without["pred_logits"])
+    for a, b in zip(with_shape["aux_outputs"], without["aux_outputs"]):
+        assert not torch.allclose(a["pred_logits"], b["pred_logits"])
+    assert build_model(tiny_cfg()).mask_shape_embed is None  # off by default
 
 
 def test_vocabulary_replacement():
@@ -323,6 +403,33 @@ def test_relation_pairs_are_chosen_among_kept_segments():
     # the older selection spends both pairs on queries panoptic inference dropped
     result, mask = run(False)
     assert mask is None and len(result["relations"]["triplets"]) == 0
+
+
+def test_predicates_per_pair_gives_each_pair_several_rows():
+    def run(k):
+        torch.manual_seed(2)
+        cfg = tiny_cfg(relation=True)
+        cfg.MODEL.SPADE.TEST.OVERLAP_THRESHOLD = 0.0
+        cfg.MODEL.SPADE.TEST.PREDICATES_PER_PAIR = k
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            return model([make_input(torch.Generator().manual_seed(4), 3)])[0]["relations"]
+
+    one, three = run(1), run(3)
+    pairs = [tuple(t) for t in one["triplets"][:, :2].tolist()]
+    assert len(pairs) == len(set(pairs)) > 0
+    rows = three["triplets"].tolist()
+    assert len(rows) == 3 * len(pairs) and len({tuple(r) for r in rows}) == len(rows)
+    for pair, first in zip(pairs, one["triplets"].tolist()):
+        mine = [r for r in rows if tuple(r[:2]) == pair]
+        # the pair's first row is its k = 1 row; its rows carry 3 different predicates
+        assert mine[0] == first and len({r[2] for r in mine}) == 3
+    # each row's distribution peaks at its own predicate
+    assert three["predicate_scores"].argmax(1).tolist() == three["triplets"][:, 2].tolist()
+    cfg = tiny_cfg(relation=True)
+    cfg.MODEL.SPADE.TEST.PREDICATES_PER_PAIR = 0
+    with pytest.raises(ValueError, match="PREDICATES_PER_PAIR"):
+        build_model(cfg)
 
 
 def test_bad_inputs_name_the_image():

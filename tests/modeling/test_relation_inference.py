@@ -43,6 +43,24 @@ def test_ranked_and_capped():
     assert out["triplets"][:, 2].tolist() == [0, 0, 0, 1, 0]
 
 
+def test_several_predicates_per_pair():
+    # (1, 2) merged [0.54, 0.4] and (2, 1) [0.4, 0.0]: with k = 2 every pair gives two rows
+    out = relation_inference(_pred(), QUERY_TO_SEGMENT, 100, predicates_per_pair=2)
+    assert out["triplets"].tolist() == [[1, 2, 0], [1, 2, 1], [2, 1, 0], [2, 1, 1]]
+    assert torch.allclose(out["scores"], torch.tensor([0.54, 0.4, 0.4, 0.0]))
+    # a pair's second row hides its first predicate: each row's argmax is its own predicate
+    expected = torch.tensor([[0.6, 0.4 / 0.9], [0.0, 0.4 / 0.9], [1.0, 0.0], [0.0, 0.0]])
+    assert torch.allclose(out["predicate_scores"], expected)
+    # the first row of each pair is exactly the k = 1 output (the evaluator's "single" rows)
+    single = relation_inference(_pred(), QUERY_TO_SEGMENT, 100)
+    assert out["triplets"][[0, 2]].tolist() == single["triplets"].tolist()
+    # k above the number of predicates is capped; the cap on rows still holds
+    capped = relation_inference(_pred(), QUERY_TO_SEGMENT, 3, predicates_per_pair=7)
+    assert capped["triplets"].tolist() == out["triplets"][:3].tolist()
+    with pytest.raises(ValueError, match="predicates_per_pair"):
+        relation_inference(_pred(), QUERY_TO_SEGMENT, 10, predicates_per_pair=0)
+
+
 def test_all_dropped_and_empty_inputs():
     out = relation_inference(_pred(), torch.zeros(4, dtype=torch.long), 100)
     assert out["triplets"].shape == (0, 3) and out["scores"].shape == (0,)

@@ -13,7 +13,7 @@ from ..open_vocab import CosineClassifier, build_text_banks
 from ..pixel_decoder import build_pixel_decoder
 from ..relation import build_relation_head
 from ..transformer_decoder import MaskedAttentionDecoder
-from .query_classifier import ClosedSetClassifier, OpenVocabClassifier
+from .query_classifier import ClosedSetClassifier, MaskShapeEmbedding, OpenVocabClassifier
 from .vocabulary import base_vocabulary, vocabulary_from_metadata
 
 __all__ = ["build_spade_parts", "build_criterion", "build_vocabularies"]
@@ -91,6 +91,10 @@ def build_spade_parts(cfg: CfgNode) -> Dict[str, Any]:
         parts["clip_crop_scale"] = s.OPEN_VOCAB.CLIP_CROP_SCALE
     else:
         classifier = ClosedSetClassifier(s.MASK_HEAD.HIDDEN_DIM, len(train_vocab.class_names))
+    if s.MASK_HEAD.SHAPE_EMBED_SIZE > 0:
+        parts["mask_shape_embed"] = MaskShapeEmbedding(
+            s.MASK_HEAD.HIDDEN_DIM, s.MASK_HEAD.SHAPE_EMBED_SIZE
+        )
     relation_head = None
     if s.RELATION.ENABLED:
         relation_head = build_relation_head(cfg)
@@ -108,7 +112,9 @@ def build_spade_parts(cfg: CfgNode) -> Dict[str, Any]:
         "mask_loss_weight": s.MASK_HEAD.PANOPTIC_LOSS_WEIGHT,
         "object_mask_threshold": s.TEST.OBJECT_MASK_THRESHOLD,
         "overlap_threshold": s.TEST.OVERLAP_THRESHOLD,
+        "reassign_dropped": s.TEST.REASSIGN_DROPPED,
         "max_relations": s.TEST.MAX_RELATIONS,
+        "predicates_per_pair": s.TEST.PREDICATES_PER_PAIR,
         "relation_head": relation_head,
         "relation_clip_branch": s.RELATION.ENABLED and s.RELATION.USE_CLIP_BRANCH,
         "pairs_from_kept_segments": s.TEST.PAIRS_FROM_KEPT_SEGMENTS,

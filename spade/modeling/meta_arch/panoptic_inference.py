@@ -18,6 +18,7 @@ def panoptic_inference(
     *,
     object_mask_threshold: float,
     overlap_threshold: float,
+    reassign_dropped: bool = False,
 ) -> Tuple[Tensor, List[Dict], Tensor]:
     """Merge query predictions into a panoptic segmentation.
 
@@ -27,11 +28,16 @@ def panoptic_inference(
     ``overlap_threshold`` of its own mask (prob >= 0.5). Queries of the same stuff class merge into
     one segment; every thing query gives its own segment.
 
+    With ``reassign_dropped`` the merge repeats without the best-scoring query the overlap rule
+    dropped, until every remaining query passes it: a dropped query's pixels then go to the
+    next-best kept query instead of staying void, and a query that lost its pixels to a dropped
+    one may be kept.
+
     Args:
         class_probs: [Q, K+1] class probabilities (last column = no-object).
         mask_logits: [Q, H, W] mask logits.
         is_thing: K flags, True for thing classes.
-        object_mask_threshold, overlap_threshold: see above.
+        object_mask_threshold, overlap_threshold, reassign_dropped: see above.
 
     Returns:
         seg int32 [H, W] (0 = void, segments numbered from 1),
@@ -54,18 +60,29 @@ def panoptic_inference(
     scores, labels = class_probs.max(-1)
     keep = (labels != num_classes) & (scores > object_mask_threshold)
     kept = keep.nonzero().flatten()
-    if kept.numel() == 0:
-        return seg, segments_info, query_to_segment
-    masks = mask_logits[kept].sigmoid()
-    owner = (scores[kept].view(-1, 1, 1) * masks).argmax(0)  # [H, W] index into kept
+    probs = mask_logits.sigmoid()
+    while True:
+        if kept.numel() == 0:
+            return seg, segments_info, query_to_segment
+        masks = probs[kept]
+        owner = (scores[kept].view(-1, 1, 1) * masks).argmax(0)  # [H, W] index into kept
+        own_masks = masks >= 0.5
+        won = (
+            owner[None] == torch.arange(len(kept), device=owner.device)[:, None, None]
+        ) & own_masks
+        own_area, won_area = own_masks.flatten(1).sum(1), won.flatten(1).sum(1)
+        passes = (won_area > 0) & (won_area >= overlap_threshold * own_area)
+        if not reassign_dropped or bool(passes.all()):
+            break
+        # drop the best-scoring failed query only: the queries it beat may pass without it
+        failed = (~passes).nonzero().flatten()
+        worst = failed[scores[kept[failed]].argmax()]
+        kept = torch.cat([kept[:worst], kept[worst + 1 :]])
     stuff_segment: Dict[int, int] = {}
     for k, query in enumerate(kept.tolist()):
-        label = int(labels[query])
-        own_mask = masks[k] >= 0.5
-        won = (owner == k) & own_mask
-        own_area, won_area = int(own_mask.sum()), int(won.sum())
-        if own_area == 0 or won_area == 0 or won_area / own_area < overlap_threshold:
+        if not bool(passes[k]):
             continue
+        label = int(labels[query])
         thing = bool(is_thing[label])
         if not thing and label in stuff_segment:
             segment_id = stuff_segment[label]
@@ -81,6 +98,6 @@ def panoptic_inference(
             )
             if not thing:
                 stuff_segment[label] = segment_id
-        seg[won] = segment_id
+        seg[won[k]] = segment_id
         query_to_segment[query] = segment_id
     return seg, segments_info, query_to_segment

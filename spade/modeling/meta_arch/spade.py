@@ -58,8 +58,11 @@ class SPADE(nn.Module):
         fusion_beta: float,
         object_mask_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
+        reassign_dropped: bool = False,
         max_relations: int = 100,
+        predicates_per_pair: int = 1,
         relation_head: Optional[nn.Module] = None,
+        mask_shape_embed: Optional[nn.Module] = None,
         text_bank: Optional[TextEmbeddingBank] = None,
         predicate_text_bank: Optional[TextEmbeddingBank] = None,
         use_clip_branch: bool = False,
@@ -81,8 +84,15 @@ class SPADE(nn.Module):
             fusion_alpha / fusion_beta: alpha / beta, geometric fusion weights of seen / novel
                 classes (OPEN_VOCAB.FUSION_ALPHA / _BETA).
             object_mask_threshold, overlap_threshold: panoptic inference thresholds.
+            reassign_dropped: repeat the panoptic merge without the queries it dropped
+                (:func:`panoptic_inference`).
             max_relations: ranked triplets kept per image.
+            predicates_per_pair: triplet rows per segment pair, its best predicates (>= 1; see
+                :func:`spade.modeling.relation.relation_inference`).
             relation_head: optional head called as docs/INTERFACES.md says.
+            mask_shape_embed: optional ``MaskShapeEmbedding``: ``(mask_logits [B, Q, h, w]) ->
+                [B, Q, C]`` added to each decoder layer's queries before they are classified
+                (the relation head still gets the decoder's own query features).
             text_bank / predicate_text_bank: ``TextEmbeddingBank`` of class / predicate prompts
                 (open vocabulary only).
             use_clip_branch: fuse the CLIP mask-pooled class probabilities at inference.
@@ -99,6 +109,7 @@ class SPADE(nn.Module):
         self.pixel_decoder = pixel_decoder
         self.transformer_decoder = transformer_decoder
         self.classifier = classifier
+        self.mask_shape_embed = mask_shape_embed
         self.criterion = criterion
         self.relation_head = relation_head
         self.text_bank, self.predicate_text_bank = text_bank, predicate_text_bank
@@ -119,7 +130,13 @@ class SPADE(nn.Module):
         self.mask_loss_weight = mask_loss_weight
         self.object_mask_threshold = object_mask_threshold
         self.overlap_threshold = overlap_threshold
+        self.reassign_dropped = bool(reassign_dropped)
         self.max_relations = max_relations
+        if predicates_per_pair < 1:
+            raise ValueError(
+                f"MODEL.SPADE.TEST.PREDICATES_PER_PAIR={predicates_per_pair}: must be >= 1"
+            )
+        self.predicates_per_pair = int(predicates_per_pair)
         has_clip = callable(getattr(backbone, "clip_dense_features", None))
         self.use_clip_branch = use_clip_branch and has_clip and text_bank is not None
         self.relation_clip_branch = relation_clip_branch and has_clip and relation_head is not None
@@ -245,7 +262,10 @@ class SPADE(nn.Module):
         mask_features, multi_scale = self.pixel_decoder.forward_features(features)
         decoded = self.transformer_decoder(multi_scale, mask_features)
         text = self.class_text_embeddings()
-        logits = [self.classifier(q, text) for q in decoded["query_features"]]
+        queries = decoded["query_features"]
+        if self.mask_shape_embed is not None:  # each layer's queries with their own masks' shape
+            queries = [q + self.mask_shape_embed(m) for q, m in zip(queries, decoded["pred_masks"])]
+        logits = [self.classifier(q, text) for q in queries]
         return {
             "pred_logits": logits[-1],
             "pred_masks": decoded["pred_masks"][-1],
@@ -364,7 +384,10 @@ class SPADE(nn.Module):
         box (side ``clip_crop_scale`` x its longer side; the whole image for an empty mask).
         images [B, 3, H, W] (normalised, padded), mask_logits [B, Q, h, w], text [K, D] unit."""
         H, W = images.shape[-2:]
-        boxes = mask_boxes(mask_logits > 0)  # [B, Q, 4] in [0, 1]
+        # boxes from the masks at the image's resolution: at the mask resolution (stride 4) a
+        # box edge is off by up to a cell, which moves the crop's framing that CLIP depends on
+        fine = F.interpolate(mask_logits, size=(H, W), mode="bilinear", align_corners=False)
+        boxes = mask_boxes(fine > 0)  # [B, Q, 4] in [0, 1]
         boxes = boxes * torch.tensor([W, H, W, H], device=boxes.device, dtype=boxes.dtype)
         boxes = square_context_boxes(boxes, self.clip_crop_scale, H, W)
         crops = F.normalize(self.backbone.clip_crop_embeddings(images, boxes), dim=-1)
@@ -385,6 +408,7 @@ class SPADE(nn.Module):
             self.vocabulary.is_thing,
             object_mask_threshold=self.object_mask_threshold,
             overlap_threshold=self.overlap_threshold,
+            reassign_dropped=self.reassign_dropped,
         )
 
     def inference(self, batched_inputs: List[Dict], images: ImageList, outputs: Dict) -> List[Dict]:
@@ -429,6 +453,6 @@ class SPADE(nn.Module):
             )
             for i, result in enumerate(results):
                 result["relations"] = relation_inference(
-                    relation_preds[i], kept[i], self.max_relations
+                    relation_preds[i], kept[i], self.max_relations, self.predicates_per_pair
                 )
         return results

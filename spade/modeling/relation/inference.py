@@ -13,7 +13,10 @@ __all__ = ["relation_inference"]
 
 
 def relation_inference(
-    pred: Dict[str, Tensor], query_to_segment: Tensor, max_relations: int
+    pred: Dict[str, Tensor],
+    query_to_segment: Tensor,
+    max_relations: int,
+    predicates_per_pair: int = 1,
 ) -> Dict[str, Tensor]:
     """Turn the relation head's per-image output into the model's "relations" output.
 
@@ -22,21 +25,28 @@ def relation_inference(
     every (pair, predicate) as ``pair_score * predicate_score`` (pair_score = subject score x
     object score); (4) merge all query pairs that map to the same (subject segment, object segment):
     each predicate takes the max over the duplicates of its triplet score, so each segment pair
-    appears once, with one predicate distribution (the fair "single" protocol; no duplicate-mask
-    inflation); (5) give each segment pair its best predicate (graph constraint), rank by that score
-    and keep the top ``max_relations``.
+    appears once, with one predicate distribution (no duplicate-mask inflation); (5) give each
+    segment pair its ``predicates_per_pair`` best predicates, one row each (graph constraint per
+    row), rank all rows by their triplet score and keep the top ``max_relations``.
+
+    With ``predicates_per_pair`` = 1 every segment pair has one row (the fair "single" protocol).
+    With k > 1 a pair may have up to k rows with different predicates, which the benchmark's
+    protocol allows ("multiple MPO"); the evaluator's "single" protocol then keeps each pair's
+    first (best) row, i.e. scores exactly the k = 1 output.
 
     Args:
         pred: {"pairs": long [M, 2] query indices, "pair_scores": [M], "predicate_scores": [M, P]}.
         query_to_segment: long [Q] segment id of each query (0 = dropped by panoptic inference).
         max_relations: at most this many triplets are returned.
+        predicates_per_pair: rows per segment pair (>= 1), its best predicates in order.
     Returns:
         {"triplets": long [T, 3] (subject segment id, object segment id, predicate index),
          "scores": float [T] sorted descending,
          "predicate_scores": float [T, P] the row's predicate distribution: the merged triplet
          scores divided by the largest pair_score among the merged query pairs (exactly the query
-         pair's predicate_scores when a single query pair maps to the segment pair); its argmax is
-         the row's predicate}.
+         pair's predicate_scores when a single query pair maps to the segment pair), with the
+         pair's better-ranked predicates (earlier rows of the same pair) set to 0, so that its
+         argmax is the row's predicate}.
     """
     for key in ("pairs", "pair_scores", "predicate_scores"):
         if key not in pred:
@@ -54,6 +64,8 @@ def relation_inference(
         )
     if max_relations < 0:
         raise ValueError(f"max_relations must be >= 0, got {max_relations}")
+    if predicates_per_pair < 1:
+        raise ValueError(f"predicates_per_pair must be >= 1, got {predicates_per_pair}")
     query_to_segment = query_to_segment.long().to(pairs.device)
     if M and (pairs.min() < 0 or pairs.max() >= len(query_to_segment)):
         raise ValueError(
@@ -82,8 +94,22 @@ def relation_inference(
     )  # [G, P]
     best_pair_score = torch.zeros(len(segment_pairs), device=pairs.device)
     best_pair_score.scatter_reduce_(0, group, pair_scores[keep], reduce="amax", include_self=False)
-    best_score, best_predicate = merged.max(dim=1)
-    order = torch.sort(best_score, descending=True, stable=True).indices[:max_relations]
-    triplets = torch.cat([segment_pairs[order], best_predicate[order, None]], dim=1)
-    distribution = merged[order] / best_pair_score[order, None].clamp(min=1e-12)
-    return {"triplets": triplets, "scores": best_score[order], "predicate_scores": distribution}
+    k = min(int(predicates_per_pair), P)
+    if k == 1:  # max: the first of tied predicates, as the graph-constrained argmax
+        row_scores, row_predicates = merged.max(dim=1, keepdim=True)  # [G, 1]
+    else:
+        row_scores, row_predicates = merged.topk(k, dim=1)  # [G, k], best first
+    row_scores, row_predicates = row_scores.reshape(-1), row_predicates.reshape(-1)
+    row_pair = torch.arange(len(segment_pairs), device=pairs.device).repeat_interleave(k)
+    row_rank = torch.arange(k, device=pairs.device).repeat(len(segment_pairs))
+    order = torch.sort(row_scores, descending=True, stable=True).indices[:max_relations]
+    pair_of_row, rank_of_row = row_pair[order], row_rank[order]
+    triplets = torch.cat([segment_pairs[pair_of_row], row_predicates[order, None]], dim=1)
+    distribution = merged[pair_of_row] / best_pair_score[pair_of_row, None].clamp(min=1e-12)
+    if k > 1:
+        # a pair's r-th row: zero its r better predicates so the row's argmax is its predicate
+        better = row_predicates.view(-1, k)[pair_of_row]  # [T, k] the pair's ranked predicates
+        hide = torch.arange(k, device=pairs.device)[None, :] < rank_of_row[:, None]
+        hidden = torch.zeros_like(distribution, dtype=torch.bool).scatter_(1, better, hide)
+        distribution = distribution.masked_fill(hidden, 0.0)
+    return {"triplets": triplets, "scores": row_scores[order], "predicate_scores": distribution}
