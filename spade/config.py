@@ -22,6 +22,10 @@ def _add_data_config(cfg: CN) -> None:
     cfg.INPUT.IMAGE_SIZE = 512  # side of the square training crop (large-scale jitter target)
     cfg.INPUT.MIN_SCALE = 0.5  # large-scale jitter: smallest resize factor of IMAGE_SIZE
     cfg.INPUT.MAX_SCALE = 1.5  # large-scale jitter: largest resize factor of IMAGE_SIZE
+    # > 0: each training image is augmented in one of this many fixed ways (drawn per use; the
+    # same slot gives the same pixels), so that DIFFUSION.FEATURE_CACHE can reuse its features;
+    # 0 = a fresh random augmentation every time
+    cfg.INPUT.AUGMENTATION_SLOTS = 0
     cfg.INPUT.RANDOM_FLIP = "horizontal"  # "none" or "horizontal" (swaps predicates by flip map)
     cfg.INPUT.CROP.MIN_KEEP_AREA = 16  # a segment with fewer visible pixels after a crop is dropped
     cfg.INPUT.SIZE_DIVISIBILITY = -1  # pad to this; -1 = the backbone's size_divisibility
@@ -65,6 +69,10 @@ def _add_model_config(cfg: CN) -> None:
     # ^ "" at --eval-only / demo: taken from the provenance record of MODEL.WEIGHTS
     s.DIFFUSION.TRAIN_LORA = False  # stage 2 also trains LoRA (grad through the UNet pass)
     s.DIFFUSION.TRAIN_ADAPTER = False  # stage 2 also trains the implicit-text MLP adapter
+    # > 0: in training, keep the captured UNet outputs of up to this many images and reuse them
+    # when the same augmented image returns (with INPUT.AUGMENTATION_SLOTS); needs TRAIN_LORA and
+    # TRAIN_ADAPTER False. 0 = off
+    s.DIFFUSION.FEATURE_CACHE = 0
     # TINY preset shapes
     s.DIFFUSION.TINY = CN()
     s.DIFFUSION.TINY.BLOCK_OUT_CHANNELS = [32, 64, 64, 64]  # UNet channels per resolution
@@ -304,6 +312,8 @@ _RANGES = {
     "MODEL.SPADE.IMPLICIT_TEXT.NUM_TOKENS": (1, None),
     "MODEL.SPADE.MASK_HEAD.NUM_OBJECT_QUERIES": (1, None),
     "MODEL.SPADE.MASK_HEAD.SHAPE_EMBED_SIZE": (0, None),
+    "MODEL.SPADE.DIFFUSION.FEATURE_CACHE": (0, None),
+    "INPUT.AUGMENTATION_SLOTS": (0, None),
     "MODEL.SPADE.TEST.PREDICATES_PER_PAIR": (1, None),
     "INPUT.IMAGE_SIZE": (1, None),
 }

@@ -8,6 +8,9 @@ batches), then a random horizontal flip (INPUT.RANDOM_FLIP). Segments left with 
 INPUT.CROP.MIN_KEEP_AREA pixels are dropped together with their relations; the other relation
 indices are remapped. A flip swaps predicates through the metadata's ``predicate_flip_map``.
 Test: one resize so the image fits INPUT.IMAGE_SIZE (aspect kept), nothing dropped.
+INPUT.AUGMENTATION_SLOTS K > 0 (training): each use of an image draws one of K slots, and the
+slot seeds the augmentation (from the image id, the slot and SEED), so an image is seen in at most
+K versions, each with the same pixels every time (what DIFFUSION.FEATURE_CACHE reuses).
 
 Panoptic datasets: the PNG (COCO RGB ids) is turned into a map of segment indices (0 = void or a
 segment the open-vocabulary filter removed, ``void_segment_ids``), which is augmented once, so
@@ -24,8 +27,10 @@ evaluation never silently scores a different image set.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -95,6 +100,8 @@ class SPADEDatasetMapper:
         flip_perm: Optional[List[int]] = None,
         min_keep_area: int = 0,
         corrupt_image_policy: str = "skip",
+        augmentation_slots: int = 0,
+        slot_seed: int = 0,
     ):
         """
         Args:
@@ -104,6 +111,9 @@ class SPADEDatasetMapper:
             flip_perm: predicate permutation applied per horizontal flip (None = identity).
             min_keep_area: training drops segments with fewer visible pixels after augmentation.
             corrupt_image_policy: "skip" or "fatal" (training only; test always raises).
+            augmentation_slots: > 0: training augments each image in one of this many seeded
+                ways (module docstring); 0: freshly at random.
+            slot_seed: mixed into the seed of every slot.
         """
         if corrupt_image_policy not in ("skip", "fatal"):
             raise ValueError(
@@ -116,6 +126,10 @@ class SPADEDatasetMapper:
         self.flip_perm = torch.as_tensor(flip_perm, dtype=torch.long) if flip_perm else None
         self.min_keep_area = int(min_keep_area)
         self.corrupt_image_policy = corrupt_image_policy
+        if augmentation_slots < 0:
+            raise ValueError(f"INPUT.AUGMENTATION_SLOTS={augmentation_slots}: must be >= 0")
+        self.augmentation_slots = int(augmentation_slots) if is_train else 0
+        self.slot_seed = int(slot_seed)
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
@@ -153,7 +167,26 @@ class SPADEDatasetMapper:
             "flip_perm": flip_perm,
             "min_keep_area": cfg.INPUT.CROP.MIN_KEEP_AREA,
             "corrupt_image_policy": cfg.INPUT.CORRUPT_IMAGE_POLICY,
+            "augmentation_slots": cfg.INPUT.AUGMENTATION_SLOTS,
+            "slot_seed": max(cfg.SEED, 0),
         }
+
+    @contextlib.contextmanager
+    def _slot_random_state(self, d: dict):
+        """With augmentation slots, run the augmentations (which draw from numpy's global random
+        state, as detectron2's do) under a state seeded by (SEED, image id, drawn slot); the
+        global state is restored afterwards. Without slots: no change."""
+        if not self.augmentation_slots:
+            yield
+            return
+        slot = int(np.random.randint(self.augmentation_slots))
+        key = f"{self.slot_seed}/{d.get('image_id', d.get('file_name'))}/{slot}"
+        saved = np.random.get_state()
+        np.random.seed(zlib.crc32(key.encode()))
+        try:
+            yield
+        finally:
+            np.random.set_state(saved)
 
     # ------------------------------------------------------------------ reading
     def _read_image(self, d: dict) -> Optional[np.ndarray]:
@@ -219,7 +252,8 @@ class SPADEDatasetMapper:
             index_map = self._segment_index_map(d, image.shape[:2])
             dtype = np.uint8 if len(segs) < 255 else np.float32
             aug_input = T.AugInput(image, sem_seg=index_map.astype(dtype))
-        transforms = self.augmentations(aug_input)
+        with self._slot_random_state(d):
+            transforms = self.augmentations(aug_input)
         image = aug_input.image
         h, w = image.shape[:2]
         n = len(segs)

@@ -218,3 +218,30 @@ def test_bad_configuration():
         _mapper([], corrupt_image_policy="ignore")
     with pytest.raises(ValueError, match="unknown predicate"):
         flip_permutation(PREDICATES, [("left of", "west of")])
+
+
+def test_augmentation_slots_bound_the_versions_of_an_image(record):
+    augs = [T.ResizeScale(0.5, 1.5, 16, 24), T.FixedSizeCrop((16, 16), pad=False)]
+    augs.append(T.RandomFlip())
+
+    def versions(mapper, n=40):
+        np.random.seed(0)
+        return {out["image"].numpy().tobytes() for out in (mapper(record) for _ in range(n))}
+
+    slotted = _mapper(augs, augmentation_slots=2, slot_seed=3)
+    assert len(versions(slotted)) <= 2  # at most one version per slot
+    assert versions(slotted) == versions(_mapper(augs, augmentation_slots=2, slot_seed=3))
+    assert len(versions(_mapper(augs))) > 2  # without slots: fresh every time
+    out = slotted(record)
+    _check_consistent(out)
+    # the global random state moves by the slot draw only, as if the augmentations drew nothing
+    np.random.seed(1)
+    slotted(record)
+    after = np.random.rand()
+    np.random.seed(1)
+    np.random.randint(2)
+    assert after == np.random.rand()
+    # test mode ignores slots; a negative count is an error naming the key
+    assert _mapper(augs, is_train=False, augmentation_slots=2).augmentation_slots == 0
+    with pytest.raises(ValueError, match="AUGMENTATION_SLOTS"):
+        _mapper(augs, augmentation_slots=-1)

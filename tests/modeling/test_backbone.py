@@ -244,3 +244,41 @@ def test_plugs_into_stock_semantic_segmentor(make_cfg):
     with torch.no_grad():
         result = model([{"image": batch[0]["image"], "height": 60, "width": 90}])
     assert result[0]["sem_seg"].shape == (3, 60, 90)
+
+
+def test_feature_cache_reuses_features_of_seen_images(make_cfg):
+    plain = _backbone(make_cfg, **{"LORA.INIT_WEIGHTS": False}).train()
+    cached = _backbone(make_cfg, **{"LORA.INIT_WEIGHTS": False, "DIFFUSION.FEATURE_CACHE": 2})
+    cached.load_state_dict(plain.state_dict())
+    cached.train()
+    a, b, c = _images(1, 64, 64, seed=1), _images(1, 64, 64, seed=2), _images(1, 64, 64, seed=3)
+    calls = []
+    original = cached.unet_features
+    cached.unet_features = lambda latent, context: (
+        calls.append(len(latent)) or original(latent, context)
+    )
+
+    def same(batch):
+        with torch.no_grad():
+            want, got = plain(batch), cached(batch)
+        # equal up to float rounding (a batch of other images computes slightly differently)
+        return all(torch.allclose(want[k], got[k], atol=1e-4, rtol=1e-4) for k in want)
+
+    assert same(torch.cat([a, b, a]))  # a twice in one batch: one UNet pass of 2 images
+    assert calls == [2] and (cached.feature_cache_misses, cached.feature_cache_hits) == (2, 1)
+    assert same(torch.cat([b, a])) and calls == [2]  # both cached: no UNet pass at all
+    assert same(c) and calls == [2, 1]  # c evicts the least recently used (b)
+    assert same(b) and calls == [2, 1, 1]
+    assert len(cached._feature_cache) == 2
+    # gradients still reach the projections from cached features
+    sum(v.square().mean() for v in cached(a).values()).backward()
+    assert all(p.grad is not None for p in cached.projections.parameters())
+    # inference never uses (or fills) the cache
+    cached.eval()
+    with torch.no_grad():
+        cached(_images(1, 64, 64, seed=4))
+    assert calls[-1] == 1 and len(cached._feature_cache) == 2
+    with pytest.raises(ValueError, match="FEATURE_CACHE"):
+        _backbone(make_cfg, **{"DIFFUSION.FEATURE_CACHE": 2, "DIFFUSION.TRAIN_LORA": True})
+    with pytest.raises(ValueError, match="TIMESTEP 0"):
+        _backbone(make_cfg, **{"DIFFUSION.FEATURE_CACHE": 2, "DIFFUSION.TIMESTEP": 100})

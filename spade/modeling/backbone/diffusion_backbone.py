@@ -15,6 +15,13 @@ Pipeline of :meth:`DiffusionBackbone.forward` (input: the detectron2-normalised 
 The VAE and CLIP always run without grad; the UNet runs with grad only while LoRA or the adapter
 is being trained (DIFFUSION.TRAIN_LORA / TRAIN_ADAPTER), otherwise without.
 
+Feature cache (DIFFUSION.FEATURE_CACHE > 0 entries, training only): when nothing before the
+projections trains, steps 1-5 are a fixed function of the image, so their captured block outputs
+are kept per image (keyed by a hash of its pixels, least recently used dropped first) and reused
+when the same augmented image comes back (INPUT.AUGMENTATION_SLOTS bounds how many versions of
+an image training sees). Results equal those without the cache up to float rounding; it needs
+TIMESTEP 0 (the fixed noise of t > 0 depends on an image's place in its batch).
+
 Calibration (``from_config``): DIFFUSION.CALIBRATED_WEIGHTS loads stage 1's LoRA + adapter, after
 checking that stage 1 held out every novel name of the training datasets (spade.provenance);
 CALIBRATION.ENABLED False (the no-calibration ablation) builds the UNet without LoRA and keeps
@@ -22,9 +29,11 @@ the seeded, untrained adapter. What was loaded is recorded (:meth:`provenance`) 
 checkpoint and checked when one is loaded (:meth:`check_provenance`).
 """
 
+import hashlib
 import json
 import logging
 import re
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import fvcore.nn.weight_init as weight_init
@@ -126,6 +135,7 @@ class DiffusionBackbone(Backbone):
         train_projections: bool = True,
         merge_lora_for_inference: bool = False,
         calibration: Optional[dict] = None,
+        feature_cache: int = 0,
     ):
         """
         Args:
@@ -142,6 +152,9 @@ class DiffusionBackbone(Backbone):
             merge_lora_for_inference: fold LoRA into the UNet weights while in eval mode.
             calibration: the ``spade_calibration`` record of what the UNet / adapter were built
                 from (spade.provenance); None = not recorded (parts built by hand).
+            feature_cache: > 0: keep the captured UNet block outputs of up to this many training
+                images and reuse them for the same image (module docstring); 0 = off. Needs
+                LoRA and the adapter frozen.
         """
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -166,6 +179,21 @@ class DiffusionBackbone(Backbone):
         self.merge_lora_for_inference = bool(merge_lora_for_inference) and has_lora(self.unet)
         self._lora_merged = False
         self.calibration = calibration
+        if feature_cache < 0:
+            raise ValueError(f"MODEL.SPADE.DIFFUSION.FEATURE_CACHE={feature_cache}: must be >= 0")
+        if feature_cache and (self.train_lora or self.train_adapter):
+            raise ValueError(
+                "MODEL.SPADE.DIFFUSION.FEATURE_CACHE > 0 needs a frozen UNet pass: it cannot be "
+                "used with DIFFUSION.TRAIN_LORA or DIFFUSION.TRAIN_ADAPTER"
+            )
+        if feature_cache and self.timestep > 0:
+            raise ValueError(
+                "MODEL.SPADE.DIFFUSION.FEATURE_CACHE > 0 needs DIFFUSION.TIMESTEP 0 (the fixed "
+                "noise at t > 0 depends on an image's place in its batch)"
+            )
+        self.feature_cache_size = int(feature_cache)
+        self._feature_cache: "OrderedDict[bytes, Dict[str, torch.Tensor]]" = OrderedDict()
+        self.feature_cache_hits = self.feature_cache_misses = 0
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), False)
 
@@ -233,6 +261,7 @@ class DiffusionBackbone(Backbone):
             train_projections=bool(d.TRAIN_BACKBONE_PROJ),
             merge_lora_for_inference=bool(cfg.MODEL.SPADE.LORA.MERGE_FOR_INFERENCE),
             calibration=calibration,
+            feature_cache=int(d.FEATURE_CACHE),
         )
 
     # ------------------------------------------------------------------ detectron2 Backbone API
@@ -249,12 +278,10 @@ class DiffusionBackbone(Backbone):
         """
         self._check_input(images)
         self._sync_lora_merge()
-        unit = self.unit_rgb(images)
-        latent = self.encode_latent(unit)
-        context = self.implicit_text(clip_preprocess(unit, self.clip))
-        grad = self.training and (self.train_lora or self.train_adapter)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            captured = self.unet_features(latent, context)
+        if self.training and self.feature_cache_size > 0:
+            captured = self._cached_unet_features(images)
+        else:
+            captured = self._unet_features_of_images(images)
         outputs = {}
         for name in self._out_features:
             x = torch.cat([captured[n] for n in self._sources[name]], dim=1)
@@ -262,6 +289,40 @@ class DiffusionBackbone(Backbone):
         return outputs
 
     # ------------------------------------------------------------------ named steps
+
+    def _unet_features_of_images(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Steps 1-5 of the pipeline: normalised images -> {block name: [B, c, h', w']}."""
+        unit = self.unit_rgb(images)
+        latent = self.encode_latent(unit)
+        context = self.implicit_text(clip_preprocess(unit, self.clip))
+        grad = self.training and (self.train_lora or self.train_adapter)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.unet_features(latent, context)
+
+    def _cached_unet_features(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """:meth:`_unet_features_of_images` through the feature cache: only images not seen
+        before (by a hash of their pixels) run the VAE, CLIP and the UNet."""
+        keys = []
+        for image in images.detach():
+            pixels = image.to("cpu", torch.float32).contiguous().numpy()
+            digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
+            digest.update(str(tuple(pixels.shape)).encode())
+            keys.append(digest.digest())
+        missing = sorted({i for i, k in enumerate(keys) if k not in self._feature_cache})
+        missing = [i for i in missing if keys.index(keys[i]) == i]  # one pass per distinct image
+        if missing:
+            with torch.no_grad():
+                fresh = self._unet_features_of_images(images[missing])
+            for row, i in enumerate(missing):
+                self._feature_cache[keys[i]] = {n: f[row].clone() for n, f in fresh.items()}
+        self.feature_cache_misses += len(missing)
+        self.feature_cache_hits += len(keys) - len(missing)
+        entries = [self._feature_cache[k] for k in keys]
+        for k in keys:
+            self._feature_cache.move_to_end(k)
+        while len(self._feature_cache) > self.feature_cache_size:
+            self._feature_cache.popitem(last=False)
+        return {n: torch.stack([e[n] for e in entries]) for n in entries[0]}
 
     def unit_rgb(self, images: torch.Tensor) -> torch.Tensor:
         """Undo the meta-arch normalisation: [B, 3, H, W] -> RGB in [0, 1]."""
