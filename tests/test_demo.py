@@ -305,3 +305,25 @@ def test_predictor_loads_weights_saved_by_the_checkpointer(tmp_path, synthpsg_op
     cfg.MODEL.WEIGHTS = ""
     with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
         SPADEPredictor(cfg)
+
+
+def test_run_demo_settings_pick_their_own_configs_and_val_split():
+    spec = importlib.util.spec_from_file_location(
+        "spade_run_demo", os.path.join(ROOT, "tools", "run_demo.py")
+    )
+    run_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo)
+    calib, stage2, val = run_demo.setting_configs("closed")
+    assert (calib, stage2, val) == (run_demo.CALIB_CONFIG, TINY_CONFIG, "synthpsg_val")
+    for setting in ("ovr", "ovd", "ovdr"):
+        calib, stage2, val = run_demo.setting_configs(setting)
+        assert val == f"synthpsg_val_{setting}"
+        for path in (calib, stage2):
+            cfg = get_cfg()
+            add_spade_config(cfg)
+            cfg.merge_from_file(path)
+            # each stage trains on the setting's own training split (no novel name)
+            assert cfg.DATASETS.TRAIN == (f"synthpsg_train_{setting}",)
+        assert cfg.DATASETS.TEST == (val,)
+    with pytest.raises(ValueError, match="--setting"):
+        run_demo.setting_configs("ov")

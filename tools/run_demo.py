@@ -25,6 +25,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIB_CONFIG = os.path.join(ROOT, "configs/calibration/SynthPSG-Tiny.yaml")
 STAGE2_CONFIG = os.path.join(ROOT, "configs/synthetic/spade_tiny_synthpsg.yaml")
+SETTINGS = ("closed", "ovr", "ovd", "ovdr")
 TABLE_KEYS = ["R@20", "R@50", "R@100", "mR@20", "mR@50", "mR@100"]
 
 
@@ -51,6 +52,20 @@ def _run(cmd, log_name: str, out: str) -> None:
         raise SystemExit(f"run_demo: step '{log_name}' failed (exit {rc}); see {log_path}")
 
 
+def setting_configs(setting: str):
+    """(stage-1 config, stage-2 config, evaluation dataset) of a setting: the closed set or one of
+    the paper's open-vocabulary settings (OvR novel predicates, OvD novel object classes, OvD+R
+    both), each calibrated and trained on its own training split, evaluated on its val split."""
+    if setting not in SETTINGS:
+        raise ValueError(f"--setting must be one of {SETTINGS}, got {setting!r}")
+    if setting == "closed":
+        return CALIB_CONFIG, STAGE2_CONFIG, "synthpsg_val"
+    suffix = {"ovr": "OvR", "ovd": "OvD", "ovdr": "OvDR"}[setting]
+    calib = os.path.join(ROOT, f"configs/calibration/SynthPSG-Tiny-{suffix}.yaml")
+    stage2 = os.path.join(ROOT, f"configs/synthetic/spade_tiny_synthpsg_{setting}.yaml")
+    return calib, stage2, f"synthpsg_val_{setting}"
+
+
 def _data_opts(data_root: str, num_images: int):
     return ["DATASETS.SYNTHPSG.ROOT", data_root, "DATASETS.SYNTHPSG.NUM_IMAGES", str(num_images)]
 
@@ -64,12 +79,19 @@ def main(argv=None) -> int:
     p.add_argument("--stage2-iters", type=int, default=0, help="override stage-2 iterations")
     p.add_argument("--num-vis", type=int, default=4, help="val images to visualise")
     p.add_argument(
+        "--setting",
+        default="closed",
+        choices=SETTINGS,
+        help="closed set, or an open-vocabulary setting (its own stage 1, stage 2 and val split)",
+    )
+    p.add_argument(
         "--eval-period",
         type=int,
         default=250,
         help="evaluate synthpsg_val every N stage-2 iterations (learning curve; 0 = never)",
     )
     args = p.parse_args(argv)
+    calib_config, stage2_config, val_name = setting_configs(args.setting)
 
     out = os.path.abspath(args.output)
     if args.fresh and os.path.isdir(out):
@@ -95,7 +117,7 @@ def main(argv=None) -> int:
         opts = ["OUTPUT_DIR", stage1] + _data_opts(data_root, args.num_images)
         if args.stage1_iters:
             opts += ["SOLVER.MAX_ITER", str(args.stage1_iters)]
-        cmd = [py, "projects/SPADE/calibrate_net.py", "--config-file", CALIB_CONFIG, "--resume"]
+        cmd = [py, "projects/SPADE/calibrate_net.py", "--config-file", calib_config, "--resume"]
         _run(cmd + opts, "stage1", out)
 
     _banner("3/5 stage 2: panoptic + relation training")
@@ -110,13 +132,13 @@ def main(argv=None) -> int:
         opts = ["OUTPUT_DIR", stage2, "TEST.EVAL_PERIOD", str(args.eval_period)] + common
         if args.stage2_iters:
             opts += ["SOLVER.MAX_ITER", str(args.stage2_iters)]
-        cmd = [py, "projects/SPADE/train_net.py", "--config-file", STAGE2_CONFIG, "--resume"]
+        cmd = [py, "projects/SPADE/train_net.py", "--config-file", stage2_config, "--resume"]
         _run(cmd + opts, "stage2", out)
 
-    _banner("4/5 evaluation on synthpsg_val")
+    _banner(f"4/5 evaluation on {val_name}")
     eval_dir = os.path.join(out, "eval")
-    cmd = [py, "projects/SPADE/train_net.py", "--config-file", STAGE2_CONFIG, "--eval-only"]
-    opts = ["OUTPUT_DIR", eval_dir, "MODEL.WEIGHTS", final, "DATASETS.TEST", "('synthpsg_val',)"]
+    cmd = [py, "projects/SPADE/train_net.py", "--config-file", stage2_config, "--eval-only"]
+    opts = ["OUTPUT_DIR", eval_dir, "MODEL.WEIGHTS", final, "DATASETS.TEST", f"('{val_name}',)"]
     _run(cmd + opts + common, "eval", out)
     _learning_curve(stage2, eval_dir)
 
@@ -128,7 +150,7 @@ def main(argv=None) -> int:
     files = [
         os.path.join(data_root, d["file_name"]) for d in psg["data"] if d["image_id"] in val_ids
     ]
-    cmd = [py, "projects/SPADE/demo.py", "--config-file", STAGE2_CONFIG, "--output", vis_dir]
+    cmd = [py, "projects/SPADE/demo.py", "--config-file", stage2_config, "--output", vis_dir]
     cmd += ["--input"] + files[: args.num_vis] + ["--opts", "MODEL.WEIGHTS", final] + common
     _run(cmd, "vis", out)
 
