@@ -2,8 +2,9 @@
 
 Nodes are the segments, coloured like their masks and placed at their mask centroids (pushed
 apart by a fixed number of deterministic relaxation steps when centroids crowd). Each triplet is
-an arrow subject -> object labelled with its predicate; several triplets of one pair of segments
-curve apart. Rendering is matplotlib Agg only (no graphviz) and deterministic.
+an arrow subject -> object labelled with its predicate; triplets of one subject -> object pair
+(several predicate rows) share one arrow labelled with their predicates in rank order, and the two
+directions of a pair curve apart. Rendering is matplotlib Agg only (no graphviz) and deterministic.
 """
 
 from collections import defaultdict
@@ -14,7 +15,18 @@ import numpy as np
 from .canvas import FONT, check_image, display_scale, hex_color, render, text_color
 from .scene_graph_view import SceneGraphView
 
-__all__ = ["draw_scene_graph", "node_positions"]
+__all__ = ["draw_scene_graph", "node_positions", "edge_labels"]
+
+
+def edge_labels(view: SceneGraphView) -> List[Tuple[int, int, str]]:
+    """One (subject id, object id, label) per ordered pair of the drawn triplets, in the order of
+    each pair's best triplet; the label joins the pair's predicates in rank order with ", "."""
+    labels: Dict[Tuple[int, int], List[str]] = {}
+    for t in view.triplets:
+        names = labels.setdefault((t.subject_id, t.object_id), [])
+        if t.predicate not in names:
+            names.append(t.predicate)
+    return [(s, o, ", ".join(names)) for (s, o), names in labels.items()]
 
 
 def node_positions(view: SceneGraphView, scale: float, min_dist: float) -> Dict[int, np.ndarray]:
@@ -109,18 +121,19 @@ def draw_scene_graph(
 
 
 def _draw_edges(ax: Any, view: SceneGraphView, pos: Dict[int, np.ndarray], boxes: Dict) -> None:
-    """One arrow per triplet; arrows of one unordered pair get distinct curvatures."""
+    """One arrow per ordered pair (:func:`edge_labels`); the two directions of a pair curve
+    apart."""
     groups: Dict[Tuple[int, int], List] = defaultdict(list)
-    for t in view.triplets:
-        groups[(min(t.subject_id, t.object_id), max(t.subject_id, t.object_id))].append(t)
+    for subject, obj, label in edge_labels(view):
+        groups[(min(subject, obj), max(subject, obj))].append((subject, obj, label))
     for (a, b), edges in groups.items():
-        for j, t in enumerate(edges):
+        for j, (subject, obj, label) in enumerate(edges):
             if a == b:  # a relation of a segment with itself: a note beside its node
                 x, y = pos[a]
                 ax.text(
                     x,
                     y + 16 + 12 * j,
-                    f"\u21bb {t.predicate}",
+                    f"\u21bb {label}",
                     fontsize=FONT - 2,
                     ha="center",
                     va="center",
@@ -129,9 +142,9 @@ def _draw_edges(ax: Any, view: SceneGraphView, pos: Dict[int, np.ndarray], boxes
                 )
                 continue
             rad = 0.0 if len(edges) == 1 else 0.35 * (j - (len(edges) - 1) / 2)
-            if t.subject_id != a:
+            if subject != a:
                 rad = -rad  # arc3 curves relative to the arrow's own direction
-            p0, p1 = pos[t.subject_id], pos[t.object_id]
+            p0, p1 = pos[subject], pos[obj]
             ax.annotate(
                 "",
                 xy=tuple(p1),
@@ -143,8 +156,8 @@ def _draw_edges(ax: Any, view: SceneGraphView, pos: Dict[int, np.ndarray], boxes
                     lw=1.4,
                     mutation_scale=14,
                     connectionstyle=f"arc3,rad={rad}",
-                    patchA=boxes[t.subject_id].get_bbox_patch(),
-                    patchB=boxes[t.object_id].get_bbox_patch(),
+                    patchA=boxes[subject].get_bbox_patch(),
+                    patchB=boxes[obj].get_bbox_patch(),
                 ),
             )
             d0, d1 = ax.transData.transform(p0), ax.transData.transform(p1)
@@ -154,7 +167,7 @@ def _draw_edges(ax: Any, view: SceneGraphView, pos: Dict[int, np.ndarray], boxes
             ax.text(
                 mx,
                 my,
-                t.predicate,
+                label,
                 fontsize=FONT - 2,
                 ha="center",
                 va="center",

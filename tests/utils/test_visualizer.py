@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from spade.utils.canvas import display_scale
-from spade.utils.scene_graph_drawing import node_positions
+from spade.utils.scene_graph_drawing import edge_labels, node_positions
 from spade.utils.scene_graph_view import default_class_colors, prepare_scene_graph
 from spade.utils.visualizer import SceneGraphVisualizer, draw_panoptic_overlay
 
@@ -212,3 +212,23 @@ def test_drawing_is_deterministic_and_handles_self_relations(tmp_path):
     assert ("circle", "left of", "circle") in [
         (t["subject"], t["predicate"], t["object"]) for t in triplets
     ]
+
+
+def test_rows_of_one_pair_share_an_arrow_labelled_in_rank_order(tmp_path):
+    image, pred = _example()
+    rel = pred["relations"]
+    # a second predicate row for square -> circle (rank 3 of 5), and a duplicate of the first
+    rel["triplets"] = torch.cat([rel["triplets"], torch.tensor([[1, 2, 2], [1, 2, 0]])])
+    rel["scores"] = torch.cat([rel["scores"], torch.tensor([0.7, 0.1])])
+    rel["predicate_scores"] = torch.cat([rel["predicate_scores"], rel["predicate_scores"][:2]])
+    view = prepare_scene_graph(pred, CLASSES, PREDICATES)
+    assert [t.score for t in view.triplets] == pytest.approx([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
+    # ordered pairs in the order of their best triplet; the reverse direction is its own arrow
+    assert edge_labels(view) == [
+        (1, 2, "left of, above"),
+        (2, 1, "right of"),
+        (1, 3, "above"),
+        (2, 3, "above"),
+    ]
+    paths = SceneGraphVisualizer(CLASSES, PREDICATES).save(image, pred, str(tmp_path), "ex")
+    assert os.path.getsize(paths["graph"]) > 0
