@@ -308,8 +308,10 @@ class DiffusionBackbone(Backbone):
             digest = hashlib.blake2b(pixels.tobytes(), digest_size=16)
             digest.update(str(tuple(pixels.shape)).encode())
             keys.append(digest.digest())
-        missing = sorted({i for i, k in enumerate(keys) if k not in self._feature_cache})
-        missing = [i for i in missing if keys.index(keys[i]) == i]  # one pass per distinct image
+        # the first place of each image the cache lacks: one pass per distinct image
+        missing = [
+            i for i, k in enumerate(keys) if k not in self._feature_cache and keys.index(k) == i
+        ]
         if missing:
             with torch.no_grad():
                 fresh = self._unet_features_of_images(images[missing])
