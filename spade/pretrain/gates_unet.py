@@ -11,6 +11,13 @@ maps [3, R, R] are read. For the subject (and the object) map:
 Things and stuff are reported apart, for four teachers: the configured one (BELM inversion), DDIM
 inversion, random starting noise instead of inversion, and the same UNet with random weights.
 
+Word maps (reported, no target): the UNet's own cross-attention, without the teacher's
+inversion and sampling. Each thing of the first ``PRETRAIN.GATES.WORD_MAP_IMAGES`` val images gets
+the prompt "a {colour} {shape}", its latent is noised to t = 200 and 500, and the maps of the
+colour word and of the shape word are scored against the thing's mask as above. It tells whether
+the maps localise words at all, and which words, apart from the pointing game's prompts and
+inversion.
+
 Generation sanity: samples for fixed prompts (diffusers' StableDiffusionPipeline fed the CLIP text
 tower's token states as ``prompt_embeds``) drawn to ``<sd folder>/samples.png``, and the tiny CLIP's
 score of each sample with its own prompt vs with the other prompts.
@@ -30,9 +37,17 @@ from spade.data.synthpsg import PREDICATE_CLASSES, THING_CLASSES
 
 from .gates import CLASS_NAMES, GATE_TARGETS, ValImage
 
-__all__ = ["unet_gates", "pointing_game", "SAMPLE_PROMPTS"]
+__all__ = [
+    "unet_gates",
+    "pointing_game",
+    "word_pointing",
+    "hit_and_mass_ratio",
+    "SAMPLE_PROMPTS",
+]
 
 logger = logging.getLogger(__name__)
+
+WORD_TIMESTEPS = (200, 500)  # the word-map probe's noise levels (of 1,000)
 
 SAMPLE_PROMPTS = [
     "a large red circle on grass under the sky",
@@ -60,6 +75,26 @@ def _stage1_cfg(cfg, sd_folder: str):
     return c
 
 
+def hit_and_mass_ratio(m: torch.Tensor, mask: np.ndarray):
+    """Score one map against one segment.
+
+    Args:
+        m: float [R, R] non-negative map over the image.
+        mask: bool [H, W] segment (H, W multiples of R not required).
+    Returns:
+        (hit, ratio): whether the image pixel at the centre of the map's argmax cell lies in
+        ``mask``; the map's mass on ``mask`` (pooled to R x R) over the mask's area share.
+    """
+    r = m.shape[-1]
+    h, w = mask.shape
+    cy, cx = divmod(int(m.flatten().argmax()), r)
+    py = min(h - 1, int((cy + 0.5) * h / r))
+    px = min(w - 1, int((cx + 0.5) * w / r))
+    cover = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None], r)[0]
+    mass = float((m * cover).sum() / m.sum().clamp_min(1e-12))
+    return bool(mask[py, px]), mass / max(float(cover.mean()), 1e-6)
+
+
 def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets: int, limit: int):
     """Hit rates and mass ratios of the teacher's subject / object maps (see module doc)."""
     n_things = len(THING_CLASSES)
@@ -79,27 +114,94 @@ def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets
         image = torch.from_numpy(np.array(im.rgb)).permute(2, 0, 1).float()[None] / 255.0
         image = F.interpolate(image, size=(image_size, image_size), mode="bilinear")[0]
         maps = teacher(image, triplets).float()  # [T, 3, R, R]
-        r = maps.shape[-1]
         for t, (s, o, _) in enumerate(rels):
             for role, seg, m in (("subject", s, maps[t, 0]), ("object", o, maps[t, 2])):
                 cat = im.categories[seg]
                 union = np.any([im.masks[j] for j, c in enumerate(im.categories) if c == cat], 0)
-                h = union.shape[0]
-                cell = int(m.flatten().argmax())
-                cy, cx = divmod(cell, r)
-                py = min(h - 1, int((cy + 0.5) * h / r))
-                px = min(h - 1, int((cx + 0.5) * h / r))
+                hit, ratio = hit_and_mass_ratio(m, union)
                 kind = "things" if cat < n_things else "stuff"
-                stats[f"{role}_{kind}"].append(bool(union[py, px]))
-                cover = F.adaptive_avg_pool2d(torch.from_numpy(union).float()[None], r)[0]
-                mass = float((m * cover).sum() / m.sum().clamp_min(1e-12))
-                ratios[f"{role}_{kind}"].append(mass / max(float(cover.mean()), 1e-6))
+                stats[f"{role}_{kind}"].append(hit)
+                ratios[f"{role}_{kind}"].append(ratio)
         count += len(rels)
     out = {"triplets": count}
     for k in stats:
         out[f"pointing_{k}"] = round(float(np.mean(stats[k])), 4) if stats[k] else None
         out[f"mass_ratio_{k}"] = round(float(np.mean(ratios[k])), 3) if ratios[k] else None
         out[f"count_{k}"] = len(stats[k])
+    return out
+
+
+def _word_span(encode_ids, head: str, word: str) -> List[int]:
+    """Context positions of ``word`` appended to ``head`` (position 0 is the start token)."""
+    start = len(encode_ids(head)) if head else 0
+    stop = len(encode_ids(f"{head} {word}".strip()))
+    return list(range(1 + start, 1 + stop))
+
+
+@torch.no_grad()
+def word_pointing(
+    diffusion,
+    clip,
+    unet,
+    images: List[ValImage],
+    timesteps=WORD_TIMESTEPS,
+    seed: int = 0,
+    resolution: int = 16,
+    image_size: int = 128,
+) -> Dict:
+    """The UNet's own word maps, without inversion or sampling (see module doc).
+
+    Each thing of each image gets the prompt "a {colour} {shape}"; the image's latent is noised
+    to each timestep of ``timesteps`` (seeded noise, SD's training schedule) and one UNet pass
+    gives the cross-attention maps of the colour word and of the shape word, scored against the
+    thing's own mask by :func:`hit_and_mass_ratio`.
+
+    Returns:
+        {"things": N, "t<T>": {"colour_hit", "colour_mass_ratio", "shape_hit",
+        "shape_mass_ratio"}} (means over the N things).
+    """
+    from spade.calibration.attention import AttentionStore, capture_cross_attention
+    from spade.modeling.backbone.loading import encode_text_tokens
+
+    from .unet import training_scheduler
+
+    scheduler = training_scheduler()
+    g = torch.Generator().manual_seed(int(seed))
+    p = next(unet.parameters())
+    scores = {int(t): {k: [] for k in ("colour", "shape")} for t in timesteps}
+    masses = {int(t): {k: [] for k in ("colour", "shape")} for t in timesteps}
+    n = 0
+    for im in images:
+        x = torch.from_numpy(np.array(im.rgb)).permute(2, 0, 1).float()[None] / 255.0
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear")
+        latent = diffusion.vae.encode((x * 2 - 1).to(p)).latent_dist.mean * diffusion.latent_scale
+        for k, colour in enumerate(im.colours):
+            shape = THING_CLASSES[im.categories[k]]
+            spans = {
+                "colour": _word_span(clip.tokenizer.encode, "a", colour),
+                "shape": _word_span(clip.tokenizer.encode, f"a {colour}", shape),
+            }
+            context = encode_text_tokens(clip, [f"a {colour} {shape}"]).to(p)
+            for t in scores:
+                noise = torch.randn(latent.shape, generator=g).to(p)
+                step = torch.tensor([t])
+                noisy = scheduler.add_noise(latent, noise, step.to(p.device))
+                store = AttentionStore(resolution, latent.shape[-2:])
+                with capture_cross_attention(unet, store):
+                    unet(noisy, step.to(p.device), encoder_hidden_states=context)
+                maps = store.mean()[0].float().cpu()  # [L, R, R]
+                for word, span in spans.items():
+                    hit, ratio = hit_and_mass_ratio(maps[span].mean(0), im.masks[k])
+                    scores[t][word].append(hit)
+                    masses[t][word].append(ratio)
+            n += 1
+    out = {"things": n}
+    for t in scores:
+        out[f"t{t}"] = {
+            f"{w}_{name}": round(float(np.mean(v[t][w])), 4) if n else None
+            for w in ("colour", "shape")
+            for name, v in (("hit", scores), ("mass_ratio", masses))
+        }
     return out
 
 
@@ -195,6 +297,16 @@ def unet_gates(cfg, sd_folder: str, images: List[ValImage]) -> Dict:
         logger.info("pointing game: %s", name)
         n = limit if name == "pretrained_belm" else min(limit, comparison)
         out[name] = pointing_game(teacher, images, size, per_image, n)
+    logger.info("word maps: pretrained and random UNet")
+    images_for_words = images[: int(cfg.PRETRAIN.GATES.WORD_MAP_IMAGES)]
+    out["word_maps"] = {
+        "pretrained": word_pointing(
+            diffusion, clip, diffusion.unet, images_for_words, seed=int(cfg.SEED), image_size=size
+        ),
+        "random_unet": word_pointing(
+            diffusion, clip, random_unet, images_for_words, seed=int(cfg.SEED), image_size=size
+        ),
+    }
     main = out["pretrained_belm"]
     out["unet/pointing_subject_things"] = main["pointing_subject_things"]
     out["unet/mass_ratio_subject_things"] = main["mass_ratio_subject_things"]

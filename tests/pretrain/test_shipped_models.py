@@ -122,3 +122,29 @@ def test_unet_denoises_with_its_text(images, tmp):
     mean = {k: float(np.mean(v)) for k, v in errors.items()}
     assert mean["true"] < 0.1 and mean["random"] > 0.5, mean
     assert mean["true"] < mean["other"], mean
+
+
+def test_unet_word_map_probe(images, tmp):
+    """The word-map probe scores every thing of the images, is seeded, and a random UNet's maps
+    do not localise (mass ratio about 1)."""
+    from diffusers import UNet2DConditionModel
+
+    from spade.modeling.backbone.loading import build_clip, build_diffusion_parts
+    from spade.pretrain.gates_unet import _stage1_cfg, word_pointing
+
+    c = _stage1_cfg(_cfg("unet", tmp), SD)
+    diffusion, clip = build_diffusion_parts(c), build_clip(c)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        random_unet = UNet2DConditionModel.from_config(diffusion.unet.config).eval()
+    ims = images[:4]
+    out = word_pointing(diffusion, clip, diffusion.unet, ims, timesteps=(200,), seed=3)
+    assert out["things"] == sum(len(im.colours) for im in ims) > 0
+    scores = out["t200"]
+    assert set(scores) == {"colour_hit", "colour_mass_ratio", "shape_hit", "shape_mass_ratio"}
+    assert all(0.0 <= scores[k] <= 1.0 for k in ("colour_hit", "shape_hit"))
+    assert word_pointing(diffusion, clip, diffusion.unet, ims, timesteps=(200,), seed=3) == out
+    flat = word_pointing(diffusion, clip, random_unet, ims, timesteps=(200,), seed=3)["t200"]
+    assert (
+        abs(flat["colour_mass_ratio"] - 1.0) < 0.05 and abs(flat["shape_mass_ratio"] - 1.0) < 0.05
+    )
