@@ -206,6 +206,7 @@ class UnetTask:
 
         root = _export_dir(cfg)
         folder = os.path.join(root, "unet")
+        _copy_vae_if_missing(str(cfg.PRETRAIN.UNET.VAE), root)
         unet = model.unet.eval()
         unet.to(torch.float16).save_pretrained(folder, safe_serialization=True)
         unet.to(torch.float32)
@@ -213,6 +214,21 @@ class UnetTask:
         write_model_index(root)
         write_manifest(folder, ["config.json", "diffusion_pytorch_model.safetensors"], info)
         return folder
+
+
+def _copy_vae_if_missing(vae_root: str, root: str) -> None:
+    """Make ``root`` a complete SD folder: a UNet exported beside a VAE other than its own folder's
+    (``PRETRAIN.EXPORT_DIR`` != ``PRETRAIN.UNET.VAE``, e.g. an experiment) gets a copy of the VAE
+    it was trained on; an existing ``root/vae`` is never replaced."""
+    import shutil
+
+    src, dst = os.path.join(vae_root, "vae"), os.path.join(root, "vae")
+    if os.path.exists(dst) or os.path.abspath(src) == os.path.abspath(dst):
+        return
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, dst)
 
 
 def write_model_index(root: str) -> None:

@@ -41,7 +41,8 @@ def trained(stage0_root):
 
 def test_every_config_merges():
     gpu = [os.path.join(ROOT, "configs", "pretrain", "gpu", f"{t}_tiny.yaml") for t in CFG]
-    for path in list(CFG.values()) + gpu:
+    extra = [os.path.join(ROOT, "configs", "pretrain", "unet_tiny_heads.yaml")]
+    for path in list(CFG.values()) + gpu + extra:
         cfg = get_cfg()
         add_pretrain_config(cfg)
         cfg.merge_from_file(path)
@@ -80,6 +81,32 @@ def test_exports_load_through_the_standard_loaders(trained):
     latent = torch.zeros(1, 4, 16, 16)
     t = torch.tensor([10])
     assert diffusion.unet(latent, t, encoder_hidden_states=states).sample.shape == latent.shape
+
+
+def test_unet_exported_to_another_folder_gets_its_vae(trained, tmp_path):
+    """EXPORT_DIR other than the VAE's folder: the export copies the VAE it was trained on, so
+    the folder loads as a complete SD folder; an existing vae/ there is kept."""
+    import filecmp
+
+    out = tmp_path / "sd_experiment"
+    extra = ["PRETRAIN.EXPORT_DIR", str(out), "OUTPUT_DIR", str(tmp_path / "out_unet")]
+    cfg, args = tiny_cfg(CFG["unet"], trained, "unet", max_iter=1, extra=extra)
+    run_pretraining(cfg, args)
+    vae_files = sorted(os.listdir(trained / "sd" / "vae"))
+    assert sorted(os.listdir(out / "vae")) == vae_files
+    for name in vae_files:
+        assert filecmp.cmp(out / "vae" / name, trained / "sd" / "vae" / name, shallow=False)
+    spade_cfg = _spade_cfg(trained)
+    spade_cfg.MODEL.SPADE.DIFFUSION.PRETRAINED = str(out)
+    diffusion = build_diffusion_parts(spade_cfg)
+    assert read_manifest(str(out / "unet"))["iterations"] == 1
+    assert diffusion.latent_scale == pytest.approx(
+        read_manifest(str(trained / "sd" / "vae"))["latent_scale"]
+    )
+    marker = out / "vae" / "kept.txt"
+    marker.write_text("x")
+    run_pretraining(cfg, args)  # a second export keeps the vae/ already there
+    assert marker.read_text() == "x"
 
 
 def test_resume_continues_from_the_last_checkpoint(trained):
