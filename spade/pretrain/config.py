@@ -88,7 +88,7 @@ def add_pretrain_config(cfg: CN) -> None:
     p.GATES.NUM_IMAGES = 0  # val images used (0 = all 60; tests use fewer)
     p.GATES.NUM_TRIPLETS = 240  # triplets of the UNet pointing game (>= 200)
     p.GATES.COMPARISON_TRIPLETS = 80  # triplets of each comparison teacher (DDIM, noise, random)
-    p.GATES.WORD_MAP_IMAGES = 30  # val images of the word-map probe (their things, ~160)
+    p.GATES.WORD_MAP_IMAGES = 30  # val images of the word-map probe (~160 things; 0 = all)
     p.GATES.CALIBRATION_CONFIG = "configs/calibration/SynthPSG-Tiny.yaml"
     # ^ stage-1 config whose teacher settings (steps, map resolution...) the pointing game uses
     p.GATES.RETRIEVAL_CAPTIONS = 100  # held-out corpus captions of the retrieval gate

@@ -268,6 +268,11 @@ def unet_gates(cfg, sd_folder: str, images: List[ValImage]) -> Dict:
     from spade.calibration.builder import teacher_generator
     from spade.modeling.backbone.loading import build_clip, build_diffusion_parts
 
+    word_images = int(cfg.PRETRAIN.GATES.WORD_MAP_IMAGES)
+    if word_images < 0:
+        raise ValueError(
+            f"PRETRAIN.GATES.WORD_MAP_IMAGES must be >= 0 (0 = all val images), got {word_images}"
+        )
     c = _stage1_cfg(cfg, sd_folder)
     diffusion = build_diffusion_parts(c)
     clip = build_clip(c)
@@ -298,7 +303,7 @@ def unet_gates(cfg, sd_folder: str, images: List[ValImage]) -> Dict:
         n = limit if name == "pretrained_belm" else min(limit, comparison)
         out[name] = pointing_game(teacher, images, size, per_image, n)
     logger.info("word maps: pretrained and random UNet")
-    images_for_words = images[: int(cfg.PRETRAIN.GATES.WORD_MAP_IMAGES)]
+    images_for_words = images[:word_images] if word_images else images
     out["word_maps"] = {
         "pretrained": word_pointing(
             diffusion, clip, diffusion.unet, images_for_words, seed=int(cfg.SEED), image_size=size

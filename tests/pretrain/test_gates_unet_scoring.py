@@ -56,3 +56,16 @@ def test_word_spans_with_a_made_up_tokenizer():
     assert _word_span(encode, "a", "red") == [2]  # position 0 is the start token
     assert _word_span(encode, "a red", "plus sign") == [3, 4]
     assert _word_span(encode, "", "red") == [1]
+
+
+def test_negative_word_map_images_is_an_error_naming_the_key():
+    from detectron2.config import get_cfg
+
+    from spade.pretrain import add_pretrain_config
+    from spade.pretrain.gates_unet import unet_gates
+
+    cfg = get_cfg()
+    add_pretrain_config(cfg)
+    cfg.PRETRAIN.GATES.WORD_MAP_IMAGES = -1
+    with pytest.raises(ValueError, match="PRETRAIN.GATES.WORD_MAP_IMAGES"):
+        unet_gates(cfg, "no/such/folder", [])
