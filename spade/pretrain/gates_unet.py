@@ -95,6 +95,12 @@ def hit_and_mass_ratio(m: torch.Tensor, mask: np.ndarray):
     return bool(mask[py, px]), mass / max(float(cover.mean()), 1e-6)
 
 
+def _image_tensor(im: ValImage, size: int) -> torch.Tensor:
+    """A val image as float [1, 3, size, size] in [0, 1] (bilinear resize)."""
+    x = torch.from_numpy(np.array(im.rgb)).permute(2, 0, 1).float()[None] / 255.0
+    return F.interpolate(x, size=(size, size), mode="bilinear")
+
+
 def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets: int, limit: int):
     """Hit rates and mass ratios of the teacher's subject / object maps (see module doc)."""
     n_things = len(THING_CLASSES)
@@ -111,8 +117,7 @@ def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets
             (CLASS_NAMES[im.categories[s]], PREDICATE_CLASSES[p], CLASS_NAMES[im.categories[o]])
             for s, o, p in rels
         ]
-        image = torch.from_numpy(np.array(im.rgb)).permute(2, 0, 1).float()[None] / 255.0
-        image = F.interpolate(image, size=(image_size, image_size), mode="bilinear")[0]
+        image = _image_tensor(im, image_size)[0]
         maps = teacher(image, triplets).float()  # [T, 3, R, R]
         for t, (s, o, _) in enumerate(rels):
             for role, seg, m in (("subject", s, maps[t, 0]), ("object", o, maps[t, 2])):
@@ -172,8 +177,7 @@ def word_pointing(
     masses = {int(t): {k: [] for k in ("colour", "shape")} for t in timesteps}
     n = 0
     for im in images:
-        x = torch.from_numpy(np.array(im.rgb)).permute(2, 0, 1).float()[None] / 255.0
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear")
+        x = _image_tensor(im, image_size)
         latent = diffusion.vae.encode((x * 2 - 1).to(p)).latent_dist.mean * diffusion.latent_scale
         for k, colour in enumerate(im.colours):
             shape = THING_CLASSES[im.categories[k]]
