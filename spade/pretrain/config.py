@@ -78,6 +78,9 @@ def add_pretrain_config(cfg: CN) -> None:
     p.UNET.VAE = ""  # the pretrained diffusers folder holding vae/
     p.UNET.NUM_IMAGES = 0  # train on the first N corpus images (0 = all; each VAE-encoded once)
     p.UNET.CAPTION_DROPOUT = 0.1  # share of empty captions (classifier-free guidance)
+    p.UNET.GROUNDING_WEIGHT = 0.0
+    # ^ > 0: adds this times the token grounding loss (spade/pretrain/grounding.py, TokenCompose's):
+    #   each caption noun's cross-attention is pulled onto its class's corpus segments
     p.UNET.LATENT_CACHE = ""  # cache of the corpus's VAE latents ("" = OUTPUT_DIR/latents.npy)
 
     # ------------------------------------------------------------ gates (measured on synthpsg_val)

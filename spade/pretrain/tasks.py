@@ -180,12 +180,15 @@ class UnetTask:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg.SEED))
             unet = UNet2DConditionModel(**config)
-        return UnetPretrainModel(unet, clip, seed=int(cfg.SEED))
+        weight = float(cfg.PRETRAIN.UNET.GROUNDING_WEIGHT)
+        if weight < 0:
+            raise ValueError(f"PRETRAIN.UNET.GROUNDING_WEIGHT must be >= 0, got {weight}")
+        return UnetPretrainModel(unet, clip, seed=int(cfg.SEED), grounding_weight=weight)
 
     def batches(self, cfg):
         from .unet import LatentCache, unet_batches
 
-        _, vae = self._frozen(cfg)
+        clip, vae = self._frozen(cfg)
         vae.to(torch.device(cfg.MODEL.DEVICE))  # latents are cached on first use, on the device
         corpus = corpus_of(cfg)
         path = str(cfg.PRETRAIN.UNET.LATENT_CACHE) or os.path.join(cfg.OUTPUT_DIR, "latents.npy")
@@ -199,6 +202,7 @@ class UnetTask:
             float(cfg.PRETRAIN.UNET.CAPTION_DROPOUT),
             seed=int(cfg.SEED),
             num_images=int(cfg.PRETRAIN.UNET.NUM_IMAGES),
+            encode=clip.tokenizer.encode if float(cfg.PRETRAIN.UNET.GROUNDING_WEIGHT) > 0 else None,
         )
 
     def export(self, cfg, model, info: dict) -> str:

@@ -82,15 +82,25 @@ def training_scheduler() -> DDPMScheduler:
 class UnetPretrainModel(nn.Module):
     """Trainable UNet + frozen text tower; ``forward(batch)`` returns ``{"loss_eps": ...}``.
 
-    batch: ``latents`` float [B, C, h, w] (scaled), ``captions`` list of B strings.
+    batch: ``latents`` float [B, C, h, w] (scaled), ``captions`` list of B strings, and with
+    ``grounding_weight`` > 0 ``grounding``: per sample its
+    :func:`~spade.pretrain.grounding.grounding_targets`; the loss dict then also has
+    ``loss_ground`` (weight times the token grounding loss over every cross-attention layer).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, clip: ClipParts, seed: int = 0):
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        clip: ClipParts,
+        seed: int = 0,
+        grounding_weight: float = 0.0,
+    ):
         super().__init__()
         self.unet = unet
         self.clip = clip  # frozen, not a registered module (not saved in checkpoints)
         self.scheduler = training_scheduler()
         self.seed = int(seed)
+        self.grounding_weight = float(grounding_weight)
         self._step = 0
 
     def _apply(self, fn, recurse: bool = True):
@@ -107,8 +117,25 @@ class UnetPretrainModel(nn.Module):
             0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g
         )
         noisy = self.scheduler.add_noise(latents, noise, t.to(latents.device))
-        pred = self.unet(noisy, t.to(latents.device), encoder_hidden_states=context).sample
-        return {"loss_eps": F.mse_loss(pred.float(), noise.float())}
+        if self.grounding_weight <= 0:
+            pred = self.unet(noisy, t.to(latents.device), encoder_hidden_states=context).sample
+            return {"loss_eps": F.mse_loss(pred.float(), noise.float())}
+        if "grounding" not in batch:
+            raise KeyError(
+                "PRETRAIN.UNET.GROUNDING_WEIGHT > 0 needs batches with 'grounding' targets"
+            )
+        from spade.calibration.attention import capture_cross_attention
+
+        from .grounding import LayerMapStore, grounding_loss
+
+        store = LayerMapStore(latents.shape[-2:])
+        with capture_cross_attention(self.unet, store):
+            pred = self.unet(noisy, t.to(latents.device), encoder_hidden_states=context).sample
+        ground = grounding_loss(store.maps, batch["grounding"])
+        return {
+            "loss_eps": F.mse_loss(pred.float(), noise.float()),
+            "loss_ground": self.grounding_weight * ground.float(),
+        }
 
 
 class LatentCache:
@@ -164,9 +191,12 @@ def unet_batches(
     caption_dropout: float,
     seed: int,
     num_images: int = 0,
+    encode=None,
 ) -> Iterator[Dict]:
     """Endless seeded batches of (scaled latents, caption or "" with prob caption_dropout) from
-    the first ``num_images`` corpus images (0 = all)."""
+    the first ``num_images`` corpus images (0 = all). With ``encode`` (the text tower's
+    tokenizer.encode) each batch also has ``grounding``: per sample the nouns' context positions
+    and class masks (:func:`~spade.pretrain.grounding.grounding_targets`)."""
     stream = corpus.iter_indices(seed, comm.get_rank(), comm.get_world_size(), limit=num_images)
     step = 0
     while True:
@@ -175,5 +205,16 @@ def unet_batches(
         captions = [
             "" if rng.random() < caption_dropout else corpus.caption(i, epoch) for i, epoch in picks
         ]
-        yield {"latents": cache.get(corpus, [i for i, _ in picks]), "captions": captions}
+        batch = {"latents": cache.get(corpus, [i for i, _ in picks]), "captions": captions}
+        if encode is not None:
+            from .grounding import grounding_targets
+
+            batch["grounding"] = []
+            for (i, _), caption in zip(picks, captions):
+                masks, names = corpus.segments(i) if caption else (None, [])
+                where = f"caption corpus {corpus.root}, image {i}"
+                batch["grounding"].append(
+                    grounding_targets(caption, masks, names, encode, where) if caption else []
+                )
+        yield batch
         step += 1

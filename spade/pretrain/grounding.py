@@ -1,0 +1,161 @@
+"""Token grounding for the tiny UNet: an auxiliary loss that ties a noun's cross-attention to its
+segment, as TokenCompose (Wang et al., CVPR 2024) fine-tunes Stable Diffusion with masks from a
+grounded segmenter.
+
+Why the miniature world needs it: SD 1.5's word maps localise after billions of image-text pairs;
+the tiny UNet sees about 10^5 on the CPU, and its maps for shape words stay nearly flat (see
+MODEL_ZOO.md). The corpus knows every segment (:meth:`Corpus.segments`), so each noun of a caption
+(a shape or stuff name, or one of its synonyms) can be given the mask of every segment of its class.
+
+For a noun n with context positions P and the mask M of its class, at each recorded cross-attention
+layer (heads averaged, ``A[p]`` the softmax probability of position p at each query pixel)::
+
+    a = sum_{p in P} A[p]                      # [hh, ww]
+    inside = sum(a * pool(M)) / sum(a)         # share of the noun's attention on its class
+    loss_token = (1 - inside) ** 2             # TokenCompose's token loss
+
+averaged over nouns and layers (``pool`` is the area share of M in each cell of the layer's grid).
+It only moves where a noun's attention goes over the image, not how much of it the noun takes from
+the other tokens, so the SD-style conditioning is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .captions import SHAPE_SYNONYMS, STUFF_SYNONYMS
+
+__all__ = ["NOUN_PHRASES", "noun_spans", "grounding_targets", "LayerMapStore", "grounding_loss"]
+
+
+def _noun_table() -> Dict[Tuple[str, ...], str]:
+    table = {}
+    for synonyms in (SHAPE_SYNONYMS, STUFF_SYNONYMS):
+        for name, others in synonyms.items():
+            for phrase in (name, *others):
+                table[tuple(phrase.split())] = name
+    return table
+
+
+NOUN_PHRASES: Dict[Tuple[str, ...], str] = _noun_table()  # words -> class name
+_LONGEST = max(len(k) for k in NOUN_PHRASES)
+
+
+def noun_spans(
+    caption: str, encode: Callable[[str], List[int]], context_length: int = 77
+) -> List[Tuple[str, List[int]]]:
+    """(class name, context positions) of every noun phrase of ``caption``, in caption order.
+
+    Args:
+        caption: a corpus caption (lower case, words separated by spaces; "," and "." may end a
+            word).
+        encode: text -> BPE ids without start / end tokens (open_clip's ``tokenizer.encode``).
+        context_length: the text tower's context; position 0 is the start token, and a noun whose
+            tokens reach the end token's last possible slot (truncated captions) is left out.
+
+    The tokenizer splits text at spaces before its BPE, so the tokens of the first ``k`` words
+    are those of the caption's first ``k`` words on their own; positions come from prefix lengths.
+    """
+    words = caption.split()
+    bare = [w.strip(".,").lower() for w in words]
+    out, i = [], 0
+    while i < len(words):
+        for n in range(min(_LONGEST, len(words) - i), 0, -1):
+            name = NOUN_PHRASES.get(tuple(bare[i : i + n]))
+            # a phrase cannot run past punctuation that ends one of its inner words
+            if name is None or any(w != b for w, b in zip(words[i : i + n - 1], bare[i:])):
+                continue
+            head = " ".join(words[:i])
+            start = len(encode(head)) if head else 0
+            stop = len(encode(" ".join(words[:i] + bare[i : i + n])))
+            if stop + 1 <= context_length - 1:  # +1 for the start token; the end token follows
+                out.append((name, list(range(1 + start, 1 + stop))))
+            i += n
+            break
+        else:
+            i += 1
+    return out
+
+
+def grounding_targets(
+    caption: str,
+    masks: np.ndarray,
+    names: Sequence[str],
+    encode: Callable[[str], List[int]],
+    where: str = "",
+) -> List[Tuple[List[int], np.ndarray]]:
+    """(context positions, float [H, W] mask of the noun's class) for each noun of ``caption``.
+
+    Args:
+        masks: bool [S, H, W] segments of the captioned image; ``names`` their S class names.
+        where: names the image in errors (a caption naming a class the image lacks is an error,
+            never a silently empty target).
+    """
+    out = []
+    for name, positions in noun_spans(caption, encode):
+        sel = [k for k, n in enumerate(names) if n == name]
+        if not sel:
+            raise ValueError(
+                f"{where}: caption {caption!r} names {name!r}, which no segment of the image has "
+                f"(segments: {sorted(set(names))})"
+            )
+        out.append((positions, masks[sel].any(0).astype(np.float32)))
+    return out
+
+
+class LayerMapStore:
+    """Keeps each cross-attention call's maps ``[B, L, hh, ww]`` (heads averaged, at the layer's own
+    grid, with grad); a store for :func:`spade.calibration.attention.capture_cross_attention`."""
+
+    def __init__(self, latent_hw: Sequence[int]):
+        from spade.calibration.attention import AttentionStore
+
+        self._grid = AttentionStore(1, latent_hw)._grid
+        self.maps: List[torch.Tensor] = []
+
+    def record(self, name: str, probs: torch.Tensor, batch: int) -> None:
+        heads = probs.shape[0] // batch
+        hh, ww = self._grid(probs.shape[1])
+        m = probs.reshape(batch, heads, hh, ww, probs.shape[2]).mean(dim=1)
+        self.maps.append(m.permute(0, 3, 1, 2))
+
+
+def grounding_loss(
+    layer_maps: Sequence[torch.Tensor], targets: Sequence[Sequence[Tuple[List[int], np.ndarray]]]
+) -> torch.Tensor:
+    """TokenCompose's token loss (module doc), mean over the nouns of the batch and the layers.
+
+    Args:
+        layer_maps: per recorded layer call, ``[B, L, hh, ww]`` attention probabilities.
+        targets: per sample, its :func:`grounding_targets` (empty for a dropped caption).
+    Returns:
+        scalar; 0 (still attached to the maps) when no sample has a noun.
+    """
+    if not layer_maps:
+        raise ValueError("grounding_loss needs at least one recorded cross-attention layer")
+    ref = layer_maps[0]
+    rows = [(b, pos, m) for b, items in enumerate(targets) for pos, m in items]
+    if not rows:
+        return sum(m.sum() for m in layer_maps) * 0.0
+    length = ref.shape[1]
+    select = torch.zeros(len(rows), length, dtype=ref.dtype, device=ref.device)
+    for r, (_, pos, _) in enumerate(rows):
+        select[r, pos] = 1.0
+    sample = torch.tensor([b for b, _, _ in rows], device=ref.device)
+    masks = torch.from_numpy(np.stack([m for _, _, m in rows])).to(ref)[:, None]  # [E,1,H,W]
+    pooled: Dict[Tuple[int, int], torch.Tensor] = {}
+    losses = []
+    for maps in layer_maps:
+        hh, ww = maps.shape[-2:]
+        if (hh, ww) not in pooled:
+            pooled[(hh, ww)] = F.adaptive_avg_pool2d(masks, (hh, ww))[:, 0]
+        attn = torch.einsum("el,elhw->ehw", select, maps[sample].to(ref.dtype))
+        inside = (attn * pooled[(hh, ww)]).flatten(1).sum(1) / attn.flatten(1).sum(1).clamp_min(
+            1e-12
+        )
+        losses.append(((1.0 - inside) ** 2).mean())
+    return torch.stack(losses).mean()

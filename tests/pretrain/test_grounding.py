@@ -1,0 +1,150 @@
+"""Token grounding of the tiny UNet: noun positions, class masks, the token loss by hand, and a
+pretraining step that trains with it."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from pretrain_helpers import tiny_cfg
+
+from spade.data.synthpsg import STUFF_CLASSES, THING_CLASSES
+from spade.pretrain import run_pretraining
+from spade.pretrain.grounding import (
+    NOUN_PHRASES,
+    LayerMapStore,
+    grounding_loss,
+    grounding_targets,
+    noun_spans,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENCODE = SimpleTokenizer().encode
+
+
+def test_noun_positions_by_hand():
+    # a(1) red(2) circle(3) is(4) left(5) of(6) a(7) blue(8) box(9); position 0 is the start token
+    assert noun_spans("a red circle is left of a blue box", ENCODE) == [
+        ("circle", [3]),
+        ("square", [9]),
+    ]
+    # a(1) five(2) -(3) pointed(4) star(5) .(6) the(7) clear(8) sky(9)
+    assert noun_spans("a five-pointed star. the clear sky", ENCODE) == [
+        ("star", [2, 3, 4, 5]),
+        ("sky", [8, 9]),
+    ]
+
+
+def test_a_phrase_does_not_run_across_punctuation():
+    # "square block" is a synonym, but "square," ends its clause: only "square" is a noun
+    assert noun_spans("a square, block", ENCODE) == [("square", [2])]
+    assert noun_spans("", ENCODE) == []
+    assert noun_spans("a picture of nothing", ENCODE) == []
+
+
+def test_nouns_past_the_context_are_left_out():
+    caption = " ".join(["a"] * 74 + ["circle", "and", "star"])
+    # circle takes position 75 (the last before the end token); star would be at 77
+    assert noun_spans(caption, ENCODE) == [("circle", [75])]
+
+
+def test_every_synonym_maps_to_its_class():
+    assert NOUN_PHRASES[("plus", "sign")] == "cross"
+    assert NOUN_PHRASES[("lawn",)] == "grass"
+    assert NOUN_PHRASES[("six-sided", "shape")] == "hexagon"
+    assert set(NOUN_PHRASES.values()) == set(THING_CLASSES) | set(STUFF_CLASSES)
+
+
+def test_targets_are_class_unions_and_a_missing_class_is_an_error():
+    masks = np.zeros((3, 4, 4), bool)
+    masks[0, 0, 0] = masks[1, 3, 3] = True  # two circles
+    masks[2, 1:3, 1:3] = True  # a star
+    names = ["circle", "circle", "star"]
+    (pos, m), (pos2, m2) = grounding_targets("circle is left of star", masks, names, ENCODE)
+    assert pos == [1] and pos2 == [5]
+    assert m.dtype == np.float32 and m[0, 0] == 1 and m[3, 3] == 1 and m.sum() == 2
+    assert m2.sum() == 4
+    with pytest.raises(ValueError, match="image 7.*'ring'"):
+        grounding_targets("a ring", masks, names, ENCODE, where="image 7")
+
+
+def test_token_loss_by_hand():
+    # one sample, 3 context positions, a 2 x 2 layer; the noun is position 1
+    a = torch.tensor([[0.5, 0.1], [0.3, 0.1]])
+    maps = torch.zeros(1, 3, 2, 2)
+    maps[0, 1] = a
+    mask = np.zeros((4, 4), np.float32)
+    mask[:2, :2] = 1  # the top-left cell of the 2 x 2 grid
+    targets = [[([1], mask)]]
+    # inside = 0.5 / 1.0 -> (1 - 0.5)^2 = 0.25
+    assert grounding_loss([maps], targets).item() == pytest.approx(0.25)
+    # a second layer whose noun attends only inside: loss 0; the mean over layers is 0.125
+    inside = torch.zeros(1, 3, 2, 2)
+    inside[0, 1, 0, 0] = 0.7
+    assert grounding_loss([maps, inside], targets).item() == pytest.approx(0.125)
+    # a two-token noun sums its positions: 0.5 + 0.2 inside of 1.0 + 0.4 -> (1 - 0.5)^2
+    maps[0, 2] = torch.tensor([[0.2, 0.2], [0.0, 0.0]])
+    assert grounding_loss([maps], [[([1, 2], mask)]]).item() == pytest.approx(0.25)
+
+
+def test_loss_pulls_attention_into_the_mask():
+    maps = torch.full((1, 2, 2, 2), 0.25, requires_grad=True)
+    mask = np.zeros((2, 2), np.float32)
+    mask[0, 0] = 1
+    grounding_loss([maps], [[([1], mask)]]).backward()
+    g = maps.grad[0, 1]
+    assert g[0, 0] < 0 and (g.flatten()[1:] > 0).all()  # descent raises the inside cell
+    assert (maps.grad[0, 0] == 0).all()  # other tokens are untouched
+
+
+def test_no_noun_gives_zero_still_attached():
+    maps = torch.rand(2, 3, 2, 2, requires_grad=True)
+    loss = grounding_loss([maps], [[], []])
+    assert loss.item() == 0.0 and loss.requires_grad
+    with pytest.raises(ValueError, match="at least one"):
+        grounding_loss([], [[]])
+
+
+def test_layer_store_keeps_each_layer_at_its_grid():
+    store = LayerMapStore((4, 4))
+    probs = torch.rand(2 * 3, 4, 5).softmax(-1)  # batch 2, 3 heads, a 2 x 2 layer, 5 tokens
+    store.record("x", probs, batch=2)
+    (m,) = store.maps
+    assert m.shape == (2, 5, 2, 2)
+    expected = probs.reshape(2, 3, 2, 2, 5).mean(1).permute(0, 3, 1, 2)
+    assert torch.allclose(m, expected)
+
+
+def test_unet_pretraining_with_grounding(stage0_root, tmp_path):
+    """A UNet step with PRETRAIN.UNET.GROUNDING_WEIGHT logs a positive grounding loss; a negative
+    weight is an error naming the key."""
+    made = {"clip": stage0_root / "clip" / "open_clip_config.json"}
+    made["vae"] = stage0_root / "sd" / "vae" / "config.json"
+    for task in ("clip", "vae"):
+        if not made[task].exists():  # the frozen models the UNet trains on
+            cfg, args = tiny_cfg(
+                os.path.join(ROOT, "configs", "pretrain", f"{task}_tiny.yaml"),
+                stage0_root,
+                task,
+                max_iter=2,
+            )
+            run_pretraining(cfg, args)
+    config = os.path.join(ROOT, "configs", "pretrain", "unet_tiny_grounded.yaml")
+    extra = [
+        "PRETRAIN.UNET.HEAD_CHANNELS", "8",
+        "PRETRAIN.EXPORT_DIR", str(tmp_path / "sd_grounded"),
+        "OUTPUT_DIR", str(tmp_path / "out"),
+    ]  # fmt: skip
+    cfg, args = tiny_cfg(config, stage0_root, "unet", max_iter=2, extra=extra)
+    assert cfg.PRETRAIN.UNET.GROUNDING_WEIGHT > 0
+    run_pretraining(cfg, args)
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.json")]
+    ground = [r["loss_ground"] for r in rows if "loss_ground" in r]
+    assert ground and all(0 < g <= cfg.PRETRAIN.UNET.GROUNDING_WEIGHT for g in ground)
+    bad, bad_args = tiny_cfg(
+        config, stage0_root, "unet", extra=extra + ["PRETRAIN.UNET.GROUNDING_WEIGHT", "-1.0"]
+    )
+    with pytest.raises(ValueError, match="PRETRAIN.UNET.GROUNDING_WEIGHT"):
+        run_pretraining(bad, bad_args)
