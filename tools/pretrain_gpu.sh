@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Stage 0 on one GPU: pretrain the tiny CLIP and VAE side by side, then the UNet on them, with the
+# Stage 0 on one GPU: pretrain the tiny CLIP and VAE side by side, then the UNet on them (and its
+# token grounding continuation, configs/pretrain/unet_tiny_grounded.yaml), with the
 # configs under configs/pretrain/gpu/ (each run fits itself into its PRETRAIN.MAX_WALL_SECONDS).
-# This is how the shipped weights were made on a lent GPU (MODEL_ZOO.md); `make pretrain` does
-# the same on whatever machine it runs on.
+# The shipped CLIP and VAE were first trained so on a lent GPU, the shipped UNet with the CPU
+# configs (configs/pretrain/unet_tiny*.yaml; MODEL_ZOO.md); `make pretrain` does the same on
+# whatever machine it runs on.
 #
 #   bash tools/pretrain_gpu.sh [LOG_DIR]
 #
@@ -69,6 +71,14 @@ tail -n 3 "$LOG/clip.log" "$LOG/vae.log"
 
 stamp "UNet"
 run unet "$MODELS/synthpsg-tiny-sd"; rc_unet=$?
+if [ $rc_unet -eq 0 ]; then  # the token grounding continuation of the UNet just trained
+  stamp "UNet token grounding"
+  $PY projects/SPADE/pretrain_net.py --config-file configs/pretrain/unet_tiny_grounded.yaml \
+    --resume $GATE_FLAG MODEL.WEIGHTS "$RUNS/unet/model_final.safetensors" \
+    OUTPUT_DIR "$RUNS/unet_grounded" SOLVER.IMS_PER_BATCH 128 PRETRAIN.MAX_WALL_SECONDS 120.0 \
+    PRETRAIN.EXPORT_DIR "$MODELS/synthpsg-tiny-sd" "${COMMON[@]}" >"$LOG/unet_grounded.log" 2>&1
+  rc_unet=$?
+fi
 stamp "UNet rc=$rc_unet"
 tail -n 3 "$LOG/unet.log"
 exit $rc_unet

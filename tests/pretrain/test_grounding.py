@@ -133,7 +133,7 @@ def test_unet_pretraining_with_grounding(stage0_root, tmp_path):
             run_pretraining(cfg, args)
     config = os.path.join(ROOT, "configs", "pretrain", "unet_tiny_grounded.yaml")
     extra = [
-        "PRETRAIN.UNET.HEAD_CHANNELS", "8",
+        "MODEL.WEIGHTS", "",  # from scratch here, not from unet_tiny.yaml's run
         "PRETRAIN.EXPORT_DIR", str(tmp_path / "sd_grounded"),
         "OUTPUT_DIR", str(tmp_path / "out"),
     ]  # fmt: skip

@@ -229,9 +229,10 @@ def test_unet_heads_are_diffusers_heads_and_head_channels_override(stage0_root):
         unet = UNet2DConditionModel(**config)
         return [m.heads for n, m in unet.named_modules() if n.endswith("attn2")]
 
+    cfg.defrost()
+    cfg.PRETRAIN.UNET.HEAD_CHANNELS = 0  # off: ATTENTION_HEAD_DIM as diffusers reads it
     # diffusers reads attention_head_dim as the number of heads: 8 heads at every level
     assert set(heads(unet_config(cfg, 32, 4, 8))) == {8}
-    cfg.defrost()
     cfg.PRETRAIN.UNET.HEAD_CHANNELS = 8  # 16 / 8 = 2 heads at level 0, 32 / 8 = 4 below
     config = unet_config(cfg, 32, 4, 8)
     assert config["attention_head_dim"] == (2, 4)

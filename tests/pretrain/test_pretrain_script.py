@@ -1,5 +1,5 @@
-"""tools/pretrain_gpu.sh (how the shipped models are made on a lent GPU) runs end to end on a
-miniature of its configs: CLIP and its region fine-tune, VAE and its decoder fine-tune, UNet, each
+"""tools/pretrain_gpu.sh (stage 0 on a lent GPU) runs end to end on a miniature of its configs:
+CLIP and its region fine-tune, VAE and its decoder fine-tune, UNet and its token grounding, each
 exported where it belongs."""
 
 import os
@@ -50,4 +50,8 @@ def test_gpu_script_runs_every_stage_on_a_miniature(tmp_path):
     vae = read_manifest(str(models / "synthpsg-tiny-sd" / "vae"))
     assert vae["iterations"] == 2 and "TRAIN_ENCODER: false" in vae["config"]  # the fine-tune
     assert (runs / "vae_decoder" / "model_final.safetensors").is_file()
-    assert read_manifest(str(models / "synthpsg-tiny-sd" / "unet"))["iterations"] == 2
+    unet = read_manifest(str(models / "synthpsg-tiny-sd" / "unet"))
+    # the UNet folder holds the token grounding continuation of the first run
+    assert unet["iterations"] == 2 and "GROUNDING_WEIGHT: 0.05" in unet["config"]
+    assert (runs / "unet" / "model_final.safetensors").is_file()
+    assert (runs / "unet_grounded" / "model_final.safetensors").is_file()

@@ -41,10 +41,7 @@ def trained(stage0_root):
 
 def test_every_config_merges():
     gpu = [os.path.join(ROOT, "configs", "pretrain", "gpu", f"{t}_tiny.yaml") for t in CFG]
-    extra = [
-        os.path.join(ROOT, "configs", "pretrain", f"unet_tiny_{name}.yaml")
-        for name in ("heads", "grounded")
-    ]
+    extra = [os.path.join(ROOT, "configs", "pretrain", "unet_tiny_grounded.yaml")]
     for path in list(CFG.values()) + gpu + extra:
         cfg = get_cfg()
         add_pretrain_config(cfg)
