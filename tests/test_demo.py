@@ -195,7 +195,9 @@ def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch, syn
     from spade.modeling.meta_arch import SPADE
 
     # random weights mostly answer "no object": zero that column so that segments and triplets
-    # exist and their plumbing into the outputs is checked
+    # exist and their plumbing into the outputs is checked. How many segments an untrained head
+    # keeps depends on its seed and on the frozen backbone's features: SEED 2 keeps several on
+    # both images with the shipped UNet (SEED 0 and 1 keep one segment, hence no pair, on one)
     class_probabilities = SPADE.class_probabilities
 
     def never_no_object(self, outputs, clip_features, images=None):
@@ -218,7 +220,7 @@ def test_demo_end_to_end_on_synthpsg_and_a_photograph(tmp_path, monkeypatch, syn
          "--opts", "MODEL.WEIGHTS", "", "MODEL.SPADE.ALLOW_UNTRAINED", "True",
          "MODEL.DEVICE", "cpu",
          "MODEL.SPADE.TEST.OVERLAP_THRESHOLD", "0.0",
-         "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD", "0.0", "SEED", "0",
+         "MODEL.SPADE.TEST.OBJECT_MASK_THRESHOLD", "0.0", "SEED", "2",
          "MODEL.SPADE.RELATION.NUM_PAIRS", "1000"] + synthpsg_opts
     )  # fmt: skip
     assert len(written) == 2
