@@ -67,7 +67,7 @@ def noun_spans(
         for n in range(min(_LONGEST, len(words) - i), 0, -1):
             name = NOUN_PHRASES.get(tuple(bare[i : i + n]))
             # a phrase cannot run past punctuation that ends one of its inner words
-            if name is None or any(w != b for w, b in zip(words[i : i + n - 1], bare[i:])):
+            if name is None or any(w.lower() != b for w, b in zip(words[i : i + n - 1], bare[i:])):
                 continue
             head = " ".join(words[:i])
             start = len(encode(head)) if head else 0

@@ -35,6 +35,8 @@ def test_noun_positions_by_hand():
         ("star", [2, 3, 4, 5]),
         ("sky", [8, 9]),
     ]
+    # the tokenizer lower-cases, and so does the phrase match
+    assert noun_spans("A Five-Pointed Star", ENCODE) == [("star", [2, 3, 4, 5])]
 
 
 def test_a_phrase_does_not_run_across_punctuation():
