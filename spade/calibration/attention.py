@@ -67,14 +67,20 @@ class AttentionStore:
             )
         return hh, ww
 
+    def layer_maps(self, probs: torch.Tensor, batch: int) -> torch.Tensor:
+        """One layer's probabilities ``[B * n_heads, hh * ww, L]`` as maps ``[B, L, hh, ww]`` on
+        the layer's own grid, averaged over heads."""
+        heads = probs.shape[0] // batch
+        hh, ww = self._grid(probs.shape[1])
+        maps = probs.reshape(batch, heads, hh, ww, probs.shape[2]).mean(dim=1)
+        return maps.permute(0, 3, 1, 2)
+
     def record(self, name: str, probs: torch.Tensor, batch: int) -> None:
         """Add one layer's probabilities ``[B * n_heads, hh * ww, L]``."""
         if not self.active:
             return
-        heads = probs.shape[0] // batch
-        hh, ww = self._grid(probs.shape[1])
-        maps = probs.reshape(batch, heads, hh, ww, probs.shape[2]).mean(dim=1)
-        maps = maps.permute(0, 3, 1, 2)  # [B, L, hh, ww]
+        maps = self.layer_maps(probs, batch)  # [B, L, hh, ww]
+        hh, ww = maps.shape[-2:]
         if (hh, ww) != (self.resolution, self.resolution):
             maps = F.interpolate(
                 maps, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False

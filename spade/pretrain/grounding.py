@@ -114,14 +114,11 @@ class LayerMapStore:
     def __init__(self, latent_hw: Sequence[int]):
         from spade.calibration.attention import AttentionStore
 
-        self._grid = AttentionStore(1, latent_hw)._grid
+        self._layer_maps = AttentionStore(1, latent_hw).layer_maps
         self.maps: List[torch.Tensor] = []
 
     def record(self, name: str, probs: torch.Tensor, batch: int) -> None:
-        heads = probs.shape[0] // batch
-        hh, ww = self._grid(probs.shape[1])
-        m = probs.reshape(batch, heads, hh, ww, probs.shape[2]).mean(dim=1)
-        self.maps.append(m.permute(0, 3, 1, 2))
+        self.maps.append(self._layer_maps(probs, batch))
 
 
 def grounding_loss(

@@ -17,6 +17,7 @@ for that level), since self-attention over 32 x 32 tokens costs most of an itera
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from typing import Dict, Iterator, List
 
 import numpy as np
@@ -117,10 +118,8 @@ class UnetPretrainModel(nn.Module):
             0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g
         )
         noisy = self.scheduler.add_noise(latents, noise, t.to(latents.device))
-        if self.grounding_weight <= 0:
-            pred = self.unet(noisy, t.to(latents.device), encoder_hidden_states=context).sample
-            return {"loss_eps": F.mse_loss(pred.float(), noise.float())}
-        if "grounding" not in batch:
+        grounding = self.grounding_weight > 0
+        if grounding and "grounding" not in batch:
             raise KeyError(
                 "PRETRAIN.UNET.GROUNDING_WEIGHT > 0 needs batches with 'grounding' targets"
             )
@@ -128,14 +127,14 @@ class UnetPretrainModel(nn.Module):
 
         from .grounding import LayerMapStore, grounding_loss
 
-        store = LayerMapStore(latents.shape[-2:])
-        with capture_cross_attention(self.unet, store):
+        store = LayerMapStore(latents.shape[-2:]) if grounding else None
+        with capture_cross_attention(self.unet, store) if grounding else nullcontext():
             pred = self.unet(noisy, t.to(latents.device), encoder_hidden_states=context).sample
-        ground = grounding_loss(store.maps, batch["grounding"])
-        return {
-            "loss_eps": F.mse_loss(pred.float(), noise.float()),
-            "loss_ground": self.grounding_weight * ground.float(),
-        }
+        losses = {"loss_eps": F.mse_loss(pred.float(), noise.float())}
+        if grounding:
+            ground = grounding_loss(store.maps, batch["grounding"])
+            losses["loss_ground"] = self.grounding_weight * ground.float()
+        return losses
 
 
 class LatentCache:
@@ -211,10 +210,11 @@ def unet_batches(
 
             batch["grounding"] = []
             for (i, _), caption in zip(picks, captions):
-                masks, names = corpus.segments(i) if caption else (None, [])
+                if not caption:  # dropped for guidance: nothing to ground
+                    batch["grounding"].append([])
+                    continue
+                masks, names = corpus.segments(i)
                 where = f"caption corpus {corpus.root}, image {i}"
-                batch["grounding"].append(
-                    grounding_targets(caption, masks, names, encode, where) if caption else []
-                )
+                batch["grounding"].append(grounding_targets(caption, masks, names, encode, where))
         yield batch
         step += 1
