@@ -98,16 +98,58 @@ def test_text_whitening_hand_values():
     # s = 1 only centres
     w = TextWhitening(2, 1.0).fit(ref)
     assert torch.allclose(w(ref), torch.tensor([[a, 0.0], [-a, 0.0]]), atol=1e-6)
-    # s = 0.5: S = diag(0.5 a^2 + 0.25 a^2, 0.25 a^2); W = S^-1/2 * a / sqrt(2)
+    # s = 0.5: S = diag(0.5 a^2 + 0.25 a^2, 0.25 a^2); W = P S^-1/2 * a / sqrt(2), P = diag(1, 0)
+    # (the reference names span only the first axis)
     w = TextWhitening(2, 0.5).fit(ref)
     k = a / math.sqrt(2)
-    expected_w = torch.diag(
-        torch.tensor([k / math.sqrt(0.75 * a * a), k / math.sqrt(0.25 * a * a)])
-    )
+    expected_w = torch.diag(torch.tensor([k / math.sqrt(0.75 * a * a), 0.0]))
     assert torch.allclose(w.matrix, expected_w, atol=1e-5)
     assert torch.allclose(w.mean, torch.tensor([0.0, 1.0]))
-    novel = torch.tensor([[0.0, 1.5]])  # another name goes through the same fixed map
-    assert torch.allclose(w(novel), torch.tensor([[0.0, 0.5 * k / math.sqrt(0.25 * a * a)]]))
+    # another name goes through the same fixed map: centred (0.05, 0.5), of which only the part in
+    # the reference span is kept (S^-1/2 alone would have scaled the 0.5 by k / sqrt(0.25 a^2))
+    novel = torch.tensor([[0.05, 1.5]])
+    assert torch.allclose(w(novel), torch.tensor([[0.05 * k / math.sqrt(0.75 * a * a), 0.0]]))
+    # s = 1 centres and projects
+    assert torch.allclose(TextWhitening(2, 1.0).fit(ref)(novel), torch.tensor([[0.05, 0.0]]))
+
+
+def test_text_whitening_novel_residual_does_not_dominate():
+    # 4 names span 3 of 16 directions. A query trained against them (a whitened name plus a
+    # larger untrained component along a novel name's residual outside that span) must still
+    # pick its name: unprojected, the shrinkage scales the novel residual up ~23x relative to the
+    # reference directions (sqrt(16 / (0.01 * 3))) and the novel name wins.
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(4, 16, generator=gen)
+    centred = ref - ref.mean(0)
+    basis = torch.linalg.svd(centred.t(), full_matrices=False)[0][:, :3]
+    residual = torch.randn(16, generator=gen)
+    residual = F.normalize(residual - basis @ (basis.t() @ residual), dim=0)
+    novel = (ref.mean(0) + 0.3 * centred[1] + 2.0 * residual)[None]
+    w = TextWhitening(16, 0.01).fit(ref)
+    white = w(ref)
+    query = white[0] + 2.0 * white[0].norm() * residual
+    logits = CosineClassifier(16, math.log(10.0), text_whitening=0.01)
+    logits.whitening.fit(ref)
+    scores = logits(query[None], torch.cat([ref, novel]))[0, :5]
+    assert scores.argmax().item() == 0
+    # the projection leaves the reference names where plain shrunk whitening puts them
+    x = centred.double()
+    cov = x.t() @ x / 4
+    scale = torch.trace(cov) / 16
+    values, vectors = torch.linalg.eigh(0.99 * cov + 0.01 * scale * torch.eye(16, dtype=x.dtype))
+    plain = x @ vectors @ torch.diag(values.rsqrt()) @ vectors.t() * scale.sqrt()
+    assert torch.allclose(white.double(), plain, atol=1e-4)
+    # ... and the novel name, unprojected, would have taken the query
+    plain_novel = (
+        (novel.double() - ref.double().mean(0))
+        @ vectors
+        @ torch.diag(values.rsqrt())
+        @ vectors.t()
+        * scale.sqrt()
+    )
+    cos_plain = F.cosine_similarity(query.double()[None], plain_novel)
+    cos_ref0 = F.cosine_similarity(query.double()[None], plain[:1])
+    assert cos_plain.item() > cos_ref0.item()
 
 
 def test_text_whitening_separates_nearly_collinear_names():
