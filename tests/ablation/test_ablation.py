@@ -185,6 +185,20 @@ def test_tables_cover_the_issue_and_share_runs(tmp_path):
     # one stage 1 per row, shared by its seeds; the stage-2 runs differ by seed
     assert all(len(set(r.stage1)) == 1 for r in calib.rows[1:])
     assert all(len(set(r.stage2)) == 3 for t in tables for r in t.rows)
+    # every row of the branch table, and the distance table's CLIP-only row, is an evaluation
+    # with the CLIP predicate branch on (the SynthPSG configs leave it off, so without it the
+    # fusion weight changes nothing): a = 1 / 0 / 0.34 (the reference) / the sweep
+    branch, distance = tables[3], tables[4]
+    evaluated = branch.rows + [distance.rows[1]]
+    alphas = []
+    for r in evaluated:
+        assert all(run.kind == "eval" for run in r.runs), r.name
+        opts = dict(zip(r.runs[0].opts[::2], r.runs[0].opts[1::2]))
+        assert opts["MODEL.SPADE.RELATION.USE_CLIP_BRANCH"] == "True", r.name
+        assert opts["MODEL.SPADE.RELATION.FUSION_BETA"] == opts["MODEL.SPADE.RELATION.FUSION_ALPHA"]
+        alphas.append(float(opts["MODEL.SPADE.RELATION.FUSION_ALPHA"]))
+    assert alphas == [1.0, 0.0, 0.34, 0.2, 0.5, 0.7, 0.0]
+    assert branch.rows[0].compare_to == branch.rows[2].name == "fusion a = 0.34 (paper)"
     runs = all_runs(tables)
     assert len(runs) == len(set(runs))
     with pytest.raises(ValueError, match="selects no"):
