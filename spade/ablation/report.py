@@ -49,7 +49,10 @@ def table_markdown(table: Table, results: Dict[Run, Dict]) -> str:
         label = (
             row.name if done == len(row.runs) else f"{row.name} ({done} of {len(row.runs)} seeds)"
         )
-        cells = [label] + [fmt_stats(row_values(row, results, m)) for m in table.metrics]
+        cells = [label] + [
+            fmt_stats(row_values(row, results, m), digits=4 if m == "L_cal" else None)
+            for m in table.metrics
+        ]
         for m in table.verdict_metrics:
             if row.compare_to is None:
                 cells.append("sweep" if row.note == "sweep" else "reference")

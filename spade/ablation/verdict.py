@@ -17,7 +17,7 @@ and the verdict is
 """
 
 import math
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 __all__ = ["REPRODUCED", "REVERSED", "WITHIN_NOISE", "seed_stats", "verdict", "fmt_stats"]
 
@@ -69,13 +69,14 @@ def verdict(
     return {"verdict": result, "diff": diff, "se": se}
 
 
-def fmt_stats(values: Sequence) -> str:
-    """``mean ± std`` with one decimal, or 4 for values below 0.1 such as a loss (``n/a`` when
-    no seed gave a finite value)."""
+def fmt_stats(values: Sequence, digits: Optional[int] = None) -> str:
+    """``mean ± std`` with ``digits`` decimals; by default one, or 4 for values below 0.1 (``n/a``
+    when no seed gave a finite value). A loss column passes 4, so that its rows read alike."""
     s = seed_stats(values)
     if s["n"] == 0:
         return "n/a"
-    digits = 4 if 0 < abs(s["mean"]) < 0.1 else 1
+    if digits is None:
+        digits = 4 if 0 < abs(s["mean"]) < 0.1 else 1
     if s["n"] == 1:
         return f"{s['mean']:.{digits}f}"
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"

@@ -149,6 +149,8 @@ def test_fmt_stats_by_hand():
     assert fmt_stats([1.0, 2.0, 6.0]) == "3.0 ± 2.6"
     assert fmt_stats([0.0042, 0.0044]) == "0.0043 ± 0.0001"
     assert fmt_stats([7.0]) == "7.0" and fmt_stats([None]) == "n/a"
+    # a loss column keeps 4 decimals above 0.1 too, so its rows read alike
+    assert fmt_stats([0.2, 0.21], digits=4) == "0.2050 ± 0.0071"
 
 
 def test_metric_drop_and_missing():
