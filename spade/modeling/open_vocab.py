@@ -136,13 +136,13 @@ class TextWhitening(nn.Module):
 
     Why ``P``: N reference names span at most N - 1 of the D directions. In the others ``S`` has
     only its shrinkage term, so ``S^{-1/2}`` alone would scale them up by about
-    ``sqrt(D / (s (N - 1)))`` relative to the reference directions (33x for 7 predicates in 64-D
-    at ``s = 0.01``). A novel name's whitened vector would then point almost entirely along its
-    own residual outside the span, where the classifier's input was never trained, and its
-    cosine with any query would be arbitrary: in the SynthPSG OvR setting one novel predicate came
-    out on top for every pair (single-predicate R@50 of the base predicates: 0.0). The reference
-    names lie in the span, so ``P`` leaves them, and everything trained on them, unchanged; a
-    novel name keeps what it shares with the reference names.
+    ``sqrt(D / (s (N - 1)))`` relative to an average reference direction (33x for 7 predicates
+    in 64-D at ``s = 0.01``). A novel name's whitened vector would then point almost entirely
+    along its own residual outside the span, where the classifier's input was never trained, and
+    its cosine with any query would be arbitrary: in the SynthPSG OvR setting one novel predicate
+    came out on top for every pair (single-predicate R@50 of the base predicates: 0.0). The
+    reference names lie in the span, so ``P`` leaves them, and everything trained on them,
+    unchanged; a novel name keeps what it shares with the reference names.
 
     The statistics are buffers that are not saved with a checkpoint: they are a deterministic
     function of the frozen text tower and the training vocabulary, so the model recomputes them
