@@ -80,5 +80,7 @@ if [ $rc_unet -eq 0 ]; then  # the token grounding continuation of the UNet just
   rc_unet=$?
 fi
 stamp "UNet rc=$rc_unet"
-tail -n 3 "$LOG/unet.log"
+logs=("$LOG/unet.log")  # and the grounding run's, so a failure there shows too
+[ -f "$LOG/unet_grounded.log" ] && logs+=("$LOG/unet_grounded.log")
+tail -n 3 "${logs[@]}"
 exit $rc_unet
