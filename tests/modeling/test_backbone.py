@@ -282,3 +282,15 @@ def test_feature_cache_reuses_features_of_seen_images(make_cfg):
         _backbone(make_cfg, **{"DIFFUSION.FEATURE_CACHE": 2, "DIFFUSION.TRAIN_LORA": True})
     with pytest.raises(ValueError, match="TIMESTEP 0"):
         _backbone(make_cfg, **{"DIFFUSION.FEATURE_CACHE": 2, "DIFFUSION.TIMESTEP": 100})
+
+
+def test_latent_channels_follow_the_vae(make_cfg):
+    """Nothing assumes SD 1.5's 4 latent channels: a 16-channel VAE (SD 3's width) and its UNet
+    run through the backbone, and the features depend on the image."""
+    backbone = _backbone(make_cfg, **{"DIFFUSION.TINY.LATENT_CHANNELS": 16})
+    assert backbone.vae.config.latent_channels == 16 and backbone.unet.config.in_channels == 16
+    backbone.eval()
+    with torch.no_grad():
+        a, b = backbone(_images(1, 64, 64, seed=0)), backbone(_images(1, 64, 64, seed=1))
+    assert a["res2"].shape == (1, 32, 16, 16)
+    assert not torch.allclose(a["res2"], b["res2"])

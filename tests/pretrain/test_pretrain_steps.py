@@ -109,6 +109,28 @@ def test_unet_exported_to_another_folder_gets_its_vae(trained, tmp_path):
     assert marker.read_text() == "x"
 
 
+def test_unet_takes_the_latent_channels_of_its_vae(trained, tmp_path):
+    """A VAE with 16 latent channels (the lever MODEL_ZOO.md measured for the PSNR gate): the UNet
+    pretrained on it is built with 16 in/out channels and the folder loads as an SD folder."""
+    sd16 = tmp_path / "sd16"
+    vae_extra = ["PRETRAIN.VAE.LATENT_CHANNELS", "16", "PRETRAIN.EXPORT_DIR", str(sd16)]
+    vae_extra += ["OUTPUT_DIR", str(tmp_path / "out_vae16")]
+    run_pretraining(*tiny_cfg(CFG["vae"], trained, "vae", max_iter=1, extra=vae_extra))
+    unet_extra = ["PRETRAIN.UNET.VAE", str(sd16), "PRETRAIN.EXPORT_DIR", str(sd16)]
+    unet_extra += ["OUTPUT_DIR", str(tmp_path / "out_unet16")]
+    run_pretraining(*tiny_cfg(CFG["unet"], trained, "unet", max_iter=1, extra=unet_extra))
+    cfg = _spade_cfg(trained)
+    cfg.MODEL.SPADE.DIFFUSION.PRETRAINED = str(sd16)
+    diffusion = build_diffusion_parts(cfg)
+    assert diffusion.vae.config.latent_channels == 16
+    assert diffusion.unet.config.in_channels == diffusion.unet.config.out_channels == 16
+    latent = diffusion.vae.encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean
+    assert latent.shape == (1, 16, 32, 32)
+    states = encode_text_tokens(build_clip(cfg), ["a red circle"])
+    out = diffusion.unet(latent, torch.tensor([10]), encoder_hidden_states=states).sample
+    assert out.shape == latent.shape
+
+
 def test_resume_continues_from_the_last_checkpoint(trained):
     cfg, args = tiny_cfg(CFG["vae"], trained, "vae", max_iter=3, resume=True)
     run_pretraining(cfg, args)
