@@ -102,10 +102,17 @@ def _image_tensor(im: ValImage, size: int) -> torch.Tensor:
 
 
 def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets: int, limit: int):
-    """Hit rates and mass ratios of the teacher's subject / object maps (see module doc)."""
+    """Hit rates and mass ratios of the teacher's subject / object maps (see module doc).
+
+    Returns:
+        ``triplets``; per role (subject, object) and kind (things, stuff): ``pointing_*`` (hit
+        rate), ``mass_ratio_*`` (mean) and ``count_*``; ``pointing_by_class``: role -> class
+        name -> [hits, count], which tells a class whose word the maps do not find.
+    """
     n_things = len(THING_CLASSES)
     stats = {f"{role}_{kind}": [] for role in ("subject", "object") for kind in ("things", "stuff")}
     ratios = {k: [] for k in stats}
+    by_class = {role: {} for role in ("subject", "object")}  # role -> class -> [hits, count]
     count = 0
     for im in images:
         if count >= limit:
@@ -126,6 +133,9 @@ def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets
                 hit, ratio = hit_and_mass_ratio(m, union)
                 kind = "things" if cat < n_things else "stuff"
                 stats[f"{role}_{kind}"].append(hit)
+                tally = by_class[role].setdefault(CLASS_NAMES[cat], [0, 0])
+                tally[0] += int(hit)
+                tally[1] += 1
                 ratios[f"{role}_{kind}"].append(ratio)
         count += len(rels)
     out = {"triplets": count}
@@ -133,6 +143,10 @@ def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets
         out[f"pointing_{k}"] = round(float(np.mean(stats[k])), 4) if stats[k] else None
         out[f"mass_ratio_{k}"] = round(float(np.mean(ratios[k])), 3) if ratios[k] else None
         out[f"count_{k}"] = len(stats[k])
+    out["pointing_by_class"] = {
+        role: {name: tally for name, tally in sorted(classes.items())}
+        for role, classes in by_class.items()
+    }
     return out
 
 

@@ -69,3 +69,53 @@ def test_negative_word_map_images_is_an_error_naming_the_key():
     cfg.PRETRAIN.GATES.WORD_MAP_IMAGES = -1
     with pytest.raises(ValueError, match="PRETRAIN.GATES.WORD_MAP_IMAGES"):
         unet_gates(cfg, "no/such/folder", [])
+
+
+def test_pointing_game_counts_hits_per_role_kind_and_class():
+    """A stub teacher puts each subject map's peak on its subject and every object map's peak
+    on the circle: circle -> square and square -> sky score subject hits 2 / 2 and object hits
+    0 / 1 for things (square) and 0 / 1 for stuff (sky), with per-class tallies to match."""
+    from spade.pretrain.gates import CLASS_NAMES, ValImage
+    from spade.pretrain.gates_unet import pointing_game
+
+    circle, square, sky = (CLASS_NAMES.index(n) for n in ("circle", "square", "sky"))
+    masks = np.zeros((3, 16, 16), dtype=bool)
+    masks[0, 0:4, 0:4] = True  # circle: map cell (0, 0) of a 4 x 4 map
+    masks[1, 12:16, 12:16] = True  # square: cell (3, 3)
+    masks[2] = ~(masks[0] | masks[1])  # sky: the rest
+    image = ValImage(
+        image_id="0",
+        rgb=np.zeros((16, 16, 3), dtype=np.uint8),
+        masks=masks,
+        categories=[circle, square, sky],
+        colours=["red", "blue"],
+        relations=[[0, 1, 0], [1, 2, 0]],  # circle -> square, square -> sky
+        boxes=[[0, 0, 4, 4], [12, 12, 16, 16], [0, 0, 16, 16]],
+    )
+    peak = {"circle": (0, 0), "square": (3, 3), "sky": (0, 3)}
+    seen = []
+
+    def teacher(img, triplets):
+        seen.append((tuple(img.shape), list(triplets)))
+        maps = torch.full((len(triplets), 3, 4, 4), 0.1)
+        for t, (subject, _, _) in enumerate(triplets):
+            maps[t, 0][peak[subject]] = 1.0
+            maps[t, 2][peak["circle"]] = 1.0
+        return maps
+
+    out = pointing_game(teacher, [image], image_size=16, max_triplets=4, limit=10)
+    assert seen[0][0] == (3, 16, 16)
+    assert [t[0] for t in seen[0][1]] == ["circle", "square"]
+    assert out["triplets"] == 2
+    assert out["pointing_subject_things"] == 1.0 and out["count_subject_things"] == 2
+    assert out["pointing_object_things"] == 0.0 and out["count_object_things"] == 1
+    assert out["pointing_object_stuff"] == 0.0 and out["count_object_stuff"] == 1
+    assert out["pointing_subject_stuff"] is None and out["count_subject_stuff"] == 0
+    assert out["pointing_by_class"] == {
+        "subject": {"circle": [1, 1], "square": [1, 1]},
+        "object": {"sky": [0, 1], "square": [0, 1]},
+    }
+    # subject circle: mass 1 + 15 x 0.1 = 2.5 in all, 1 of it on 1 / 16 of the image -> 6.4x
+    # subject square likewise; the mean is 6.4
+    assert out["mass_ratio_subject_things"] == pytest.approx(6.4, abs=1e-3)
+    assert pointing_game(teacher, [image], 16, 4, 1)["triplets"] == 1  # the limit counts triplets
