@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 0 on one GPU: pretrain the tiny CLIP and VAE side by side, then the UNet on them (and its
-# token grounding continuation, configs/pretrain/unet_tiny_grounded.yaml), with the
+# token grounding continuations, configs/pretrain/unet_tiny_grounded*.yaml), with the
 # configs under configs/pretrain/gpu/ (each run fits itself into its PRETRAIN.MAX_WALL_SECONDS).
 # The shipped CLIP and VAE were first trained so on a lent GPU, the shipped UNet with the CPU
 # configs (configs/pretrain/unet_tiny*.yaml; MODEL_ZOO.md); `make pretrain` does the same on
@@ -79,8 +79,16 @@ if [ $rc_unet -eq 0 ]; then  # the token grounding continuation of the UNet just
     PRETRAIN.EXPORT_DIR "$MODELS/synthpsg-tiny-sd" "${COMMON[@]}" >"$LOG/unet_grounded.log" 2>&1
   rc_unet=$?
 fi
+if [ $rc_unet -eq 0 ]; then  # its second grounding run (4x the weight, half the LR)
+  stamp "UNet token grounding, run 2"
+  $PY projects/SPADE/pretrain_net.py --config-file configs/pretrain/unet_tiny_grounded2.yaml \
+    --resume $GATE_FLAG MODEL.WEIGHTS "$RUNS/unet_grounded/model_final.safetensors" \
+    OUTPUT_DIR "$RUNS/unet_grounded2" SOLVER.IMS_PER_BATCH 128 PRETRAIN.MAX_WALL_SECONDS 40.0 \
+    PRETRAIN.EXPORT_DIR "$MODELS/synthpsg-tiny-sd" "${COMMON[@]}" >"$LOG/unet_grounded2.log" 2>&1
+  rc_unet=$?
+fi
 stamp "UNet rc=$rc_unet"
 logs=("$LOG/unet.log")  # and the grounding run's, so a failure there shows too
-[ -f "$LOG/unet_grounded.log" ] && logs+=("$LOG/unet_grounded.log")
+for f in "$LOG/unet_grounded.log" "$LOG/unet_grounded2.log"; do [ -f "$f" ] && logs+=("$f"); done
 tail -n 3 "${logs[@]}"
 exit $rc_unet

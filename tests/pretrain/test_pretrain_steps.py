@@ -39,14 +39,42 @@ def trained(stage0_root):
     return stage0_root
 
 
+def _pretrain_cfg(name: str):
+    cfg = get_cfg()
+    add_pretrain_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "pretrain", name))
+    return cfg
+
+
 def test_every_config_merges():
-    gpu = [os.path.join(ROOT, "configs", "pretrain", "gpu", f"{t}_tiny.yaml") for t in CFG]
-    extra = [os.path.join(ROOT, "configs", "pretrain", "unet_tiny_grounded.yaml")]
-    for path in list(CFG.values()) + gpu + extra:
-        cfg = get_cfg()
-        add_pretrain_config(cfg)
-        cfg.merge_from_file(path)
-        assert cfg.PRETRAIN.TASK in ("clip", "vae", "unet")
+    folder = os.path.join(ROOT, "configs", "pretrain")
+    names = [n for n in os.listdir(folder) if n.endswith(".yaml") and n != "Base-Pretrain.yaml"]
+    names += [os.path.join("gpu", n) for n in os.listdir(os.path.join(folder, "gpu"))]
+    assert len(names) >= 10
+    for name in names:
+        assert _pretrain_cfg(name).PRETRAIN.TASK in ("clip", "vae", "unet"), name
+
+
+def test_continuation_configs_start_from_the_run_they_continue():
+    """`make pretrain` chains these runs: each continuation loads the last checkpoint of the run
+    before it, and writes its own folder (a resumed chain never mixes two runs' checkpoints)."""
+    chain = {
+        "clip_tiny_region.yaml": "clip_tiny.yaml",
+        "vae_tiny_decoder.yaml": "vae_tiny.yaml",
+        "unet_tiny_grounded.yaml": "unet_tiny.yaml",
+        "unet_tiny_grounded2.yaml": "unet_tiny_grounded.yaml",
+    }
+    outputs = set()
+    for name, before in chain.items():
+        cfg, prev = _pretrain_cfg(name), _pretrain_cfg(before)
+        assert cfg.MODEL.WEIGHTS == f"{prev.OUTPUT_DIR}/model_final.safetensors", name
+        assert cfg.OUTPUT_DIR != prev.OUTPUT_DIR and cfg.OUTPUT_DIR not in outputs, name
+        assert cfg.PRETRAIN.EXPORT_DIR == prev.PRETRAIN.EXPORT_DIR, name  # exports over it
+        outputs.add(cfg.OUTPUT_DIR)
+    makefile = open(os.path.join(ROOT, "Makefile")).read()
+    positions = [makefile.index(f"configs/pretrain/{n}") for n in ("unet_tiny.yaml",
+                 "unet_tiny_grounded.yaml", "unet_tiny_grounded2.yaml")]  # fmt: skip
+    assert positions == sorted(positions)  # `make pretrain` runs them in this order
 
 
 def test_exports_have_the_real_formats_and_manifests(trained):
