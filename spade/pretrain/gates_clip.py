@@ -10,6 +10,12 @@
 * ``name_max_cosine`` (no target): the largest cosine between the template-ensembled text
   embeddings of two different object names (``name_closest_pair`` names them): stage 2's cosine
   classifier cannot separate two classes whose embeddings coincide (near 1).
+* ``token_neighbours`` / ``token_things_nearest_stuff`` (no target): the text tower's per-token
+  states, which condition the UNet as CLIP's condition SD 1.5's, for each name in the teacher's
+  subject slot ("{name} is left of circle") and object slot ("circle is left of {name}"): each
+  name's nearest other name by cosine after removing the mean over the names, and how many thing
+  names have a stuff name as their nearest. A thing name among the stuff names gets its
+  cross-attention on stuff (MODEL_ZOO.md: diamond and hexagon).
 * ``left_right_acc`` / ``above_below_acc`` (no target): a crop around a (subject, object) pair with
   a spatial predicate, "the {s} is left of the {o}" vs "... right of ..." (and above / below):
   the paper's premise is that a VLM is weak here.
@@ -25,8 +31,8 @@ import torch.nn.functional as F
 
 from spade.data.synthpsg import PALETTE, PREDICATE_CLASSES, THING_CLASSES, render_scene
 from spade.modeling.backbone.diffusion_backbone import clip_dense_features
-from spade.modeling.backbone.loading import clip_preprocess, load_clip_folder
-from spade.modeling.open_vocab import TextEmbeddingBank, mask_pool
+from spade.modeling.backbone.loading import clip_preprocess, encode_text_tokens, load_clip_folder
+from spade.modeling.open_vocab import TextEmbeddingBank, mask_pool, prompt_name
 
 from .captions import scene_caption
 from .corpus import CORPUS_SEED_OFFSET, SceneText
@@ -178,6 +184,45 @@ def name_separation(encode_texts, names: List[str], templates: List[str]) -> Dic
     }
 
 
+TOKEN_SLOTS = {"subject": "{} is left of circle", "object": "circle is left of {}"}
+
+
+def token_state_neighbours(
+    encode_states, encode_ids, names: List[str], num_things: int, slots: Dict[str, str] = None
+) -> Dict:
+    """Nearest neighbours among ``names`` of their per-token text states (module doc).
+
+    Args:
+        encode_states: prompts -> [N, L, W] per-token states (position 0 the start token), e.g.
+            :func:`~spade.modeling.backbone.loading.encode_text_tokens`.
+        encode_ids: text -> BPE ids without start / end tokens (locates each name's tokens).
+        names: the class names as written in prompts; the first ``num_things`` are things.
+        slots: slot -> prompt template with one ``{}`` (default :data:`TOKEN_SLOTS`).
+    Returns:
+        ``clip/token_neighbours``: slot -> name -> [nearest name, cosine];
+        ``clip/token_things_nearest_stuff``: slot -> number of thing names whose nearest is stuff.
+    """
+    from .gates_unet import _word_span
+
+    neighbours, among_stuff = {}, {}
+    for slot, template in (slots or TOKEN_SLOTS).items():
+        head = template[: template.index("{}")].strip()
+        states = encode_states([template.format(n) for n in names]).float()
+        emb = torch.stack(
+            [states[i, _word_span(encode_ids, head, n)].mean(0) for i, n in enumerate(names)]
+        )
+        emb = F.normalize(emb - emb.mean(0, keepdim=True), dim=-1)
+        sim = emb @ emb.T
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(dim=1).tolist()
+        neighbours[slot] = {
+            n: [names[j], round(float(sim[i, j]), 4)]
+            for i, (n, j) in enumerate(zip(names, nearest))
+        }
+        among_stuff[slot] = sum(j >= num_things for j in nearest[:num_things])
+    return {"clip/token_neighbours": neighbours, "clip/token_things_nearest_stuff": among_stuff}
+
+
 def clip_gates(cfg, folder: str, images: List[ValImage]) -> Dict:
     """Every CLIP gate on the exported open_clip folder ``folder``."""
     clip = load_clip_folder(folder)
@@ -187,5 +232,13 @@ def clip_gates(cfg, folder: str, images: List[ValImage]) -> Dict:
     out.update(_retrieval(clip, cfg))
     out.update(_spatial_probe(clip, images))
     out.update(name_separation(lambda t: _encode_texts(clip, t), CLASS_NAMES, _STAGE2_TEMPLATES))
+    out.update(
+        token_state_neighbours(
+            lambda texts: encode_text_tokens(clip, texts),
+            clip.tokenizer.encode,
+            [prompt_name(n) for n in CLASS_NAMES],
+            len(THING_CLASSES),
+        )
+    )
     out["targets"] = {k: v for k, v in GATE_TARGETS.items() if k.startswith("clip/")}
     return out

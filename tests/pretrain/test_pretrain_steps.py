@@ -238,3 +238,38 @@ def test_name_separation_by_hand():
     # cos(x, z) = 0.6, cos(y, z) = 0.8 / sqrt 2 = 0.566, cos(x, y) = 0
     assert out["clip/name_max_cosine"] == pytest.approx(0.6, abs=1e-4)
     assert out["clip/name_closest_pair"] == ["x", "z"]
+
+
+def test_token_state_neighbours_by_hand():
+    """Each name's tokens are averaged, the mean over names is removed, and a thing whose nearest
+    name is stuff is counted. Things a, b (b has two tokens), stuff s, t; every token's state is
+    its own vector at any position, so both slots agree. Word vectors: a (1, 0.2), b = mean of
+    (-1, 0.4) and (-1, 0) = (-1, 0.2), s (1, -0.2), t (-1, -0.2): their mean is 0, and
+    cos(a, s) = cos(b, t) = 0.96 / 1.04, cos(a, b) = -0.96 / 1.04, cos(a, t) = -1."""
+    from spade.pretrain.gates_clip import token_state_neighbours
+
+    ids = {"a": [1], "b": [2, 3], "s": [4], "t": [5], "circle": [6], "is": [7], "left": [8]}
+    ids["of"] = [9]
+    vec = {1: (1.0, 0.2), 2: (-1.0, 0.4), 3: (-1.0, 0.0), 4: (1.0, -0.2), 5: (-1.0, -0.2)}
+
+    def encode_ids(text):
+        return [i for w in text.split() for i in ids[w]]
+
+    def encode_states(prompts):
+        rows = [[(0.0, 0.0)] + [vec.get(i, (0.0, 0.0)) for i in encode_ids(p)] for p in prompts]
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [(0.0, 0.0)] * (width - len(r)) for r in rows])
+
+    out = token_state_neighbours(encode_states, encode_ids, ["a", "b", "s", "t"], num_things=2)
+    near = out["clip/token_neighbours"]
+    assert set(near) == {"subject", "object"} and near["subject"] == near["object"]
+    assert near["subject"]["a"] == ["s", pytest.approx(0.96 / 1.04, abs=1e-4)]
+    assert near["subject"]["b"] == ["t", pytest.approx(0.96 / 1.04, abs=1e-4)]
+    assert near["subject"]["s"][0] == "a" and near["subject"]["t"][0] == "b"
+    assert out["clip/token_things_nearest_stuff"] == {"subject": 2, "object": 2}
+    # b moved to (1, 0.3) = mean of (1, 0.6) and (1, 0), s to (-1, 0), t to (-1, -0.5): the mean is
+    # 0 and a, b are each other's nearest, cos = 1.06 / (sqrt 1.04 sqrt 1.09) = 0.99560
+    vec.update({2: (1.0, 0.6), 3: (1.0, 0.0), 4: (-1.0, 0.0), 5: (-1.0, -0.5)})
+    out = token_state_neighbours(encode_states, encode_ids, ["a", "b", "s", "t"], num_things=2)
+    assert out["clip/token_neighbours"]["object"]["a"] == ["b", pytest.approx(0.9956, abs=1e-4)]
+    assert out["clip/token_things_nearest_stuff"] == {"subject": 0, "object": 0}
