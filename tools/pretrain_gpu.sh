@@ -69,23 +69,19 @@ stamp "CLIP rc=$rc_clip, VAE rc=$rc_vae"
 tail -n 3 "$LOG/clip.log" "$LOG/vae.log"
 [ $rc_clip -eq 0 ] && [ $rc_vae -eq 0 ] || exit 1
 
+continue_unet() {  # continue_unet NAME FROM SECONDS: configs/pretrain/unet_tiny_NAME.yaml from run FROM
+  $PY projects/SPADE/pretrain_net.py --config-file "configs/pretrain/unet_tiny_$1.yaml" \
+    --resume $GATE_FLAG MODEL.WEIGHTS "$RUNS/$2/model_final.safetensors" \
+    OUTPUT_DIR "$RUNS/unet_$1" SOLVER.IMS_PER_BATCH 128 PRETRAIN.MAX_WALL_SECONDS "$3" \
+    PRETRAIN.EXPORT_DIR "$MODELS/synthpsg-tiny-sd" "${COMMON[@]}" >"$LOG/unet_$1.log" 2>&1
+}
+
 stamp "UNet"
 run unet "$MODELS/synthpsg-tiny-sd"; rc_unet=$?
-if [ $rc_unet -eq 0 ]; then  # the token grounding continuation of the UNet just trained
-  stamp "UNet token grounding"
-  $PY projects/SPADE/pretrain_net.py --config-file configs/pretrain/unet_tiny_grounded.yaml \
-    --resume $GATE_FLAG MODEL.WEIGHTS "$RUNS/unet/model_final.safetensors" \
-    OUTPUT_DIR "$RUNS/unet_grounded" SOLVER.IMS_PER_BATCH 128 PRETRAIN.MAX_WALL_SECONDS 120.0 \
-    PRETRAIN.EXPORT_DIR "$MODELS/synthpsg-tiny-sd" "${COMMON[@]}" >"$LOG/unet_grounded.log" 2>&1
-  rc_unet=$?
-fi
-if [ $rc_unet -eq 0 ]; then  # its second grounding run (4x the weight, half the LR)
-  stamp "UNet token grounding, run 2"
-  $PY projects/SPADE/pretrain_net.py --config-file configs/pretrain/unet_tiny_grounded2.yaml \
-    --resume $GATE_FLAG MODEL.WEIGHTS "$RUNS/unet_grounded/model_final.safetensors" \
-    OUTPUT_DIR "$RUNS/unet_grounded2" SOLVER.IMS_PER_BATCH 128 PRETRAIN.MAX_WALL_SECONDS 40.0 \
-    PRETRAIN.EXPORT_DIR "$MODELS/synthpsg-tiny-sd" "${COMMON[@]}" >"$LOG/unet_grounded2.log" 2>&1
-  rc_unet=$?
+# the token grounding continuations of the UNet just trained (the second: 4x the weight, half the LR)
+if [ $rc_unet -eq 0 ]; then stamp "UNet token grounding"; continue_unet grounded unet 120.0; rc_unet=$?; fi
+if [ $rc_unet -eq 0 ]; then
+  stamp "UNet token grounding, run 2"; continue_unet grounded2 unet_grounded 40.0; rc_unet=$?
 fi
 stamp "UNet rc=$rc_unet"
 logs=("$LOG/unet.log")  # and the grounding run's, so a failure there shows too
