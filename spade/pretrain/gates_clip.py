@@ -23,7 +23,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -188,7 +188,11 @@ TOKEN_SLOTS = {"subject": "{} is left of circle", "object": "circle is left of {
 
 
 def token_state_neighbours(
-    encode_states, encode_ids, names: List[str], num_things: int, slots: Dict[str, str] = None
+    encode_states,
+    encode_ids,
+    names: List[str],
+    num_things: int,
+    slots: Optional[Dict[str, str]] = None,
 ) -> Dict:
     """Nearest neighbours among ``names`` of their per-token text states (module doc).
 

@@ -143,10 +143,7 @@ def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets
         out[f"pointing_{k}"] = round(float(np.mean(stats[k])), 4) if stats[k] else None
         out[f"mass_ratio_{k}"] = round(float(np.mean(ratios[k])), 3) if ratios[k] else None
         out[f"count_{k}"] = len(stats[k])
-    out["pointing_by_class"] = {
-        role: {name: tally for name, tally in sorted(classes.items())}
-        for role, classes in by_class.items()
-    }
+    out["pointing_by_class"] = {role: dict(sorted(c.items())) for role, c in by_class.items()}
     return out
 
 
