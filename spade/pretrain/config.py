@@ -81,6 +81,9 @@ def add_pretrain_config(cfg: CN) -> None:
     p.UNET.GROUNDING_WEIGHT = 0.0
     # ^ > 0: adds this times the token grounding loss (spade/pretrain/grounding.py, TokenCompose's):
     #   each caption noun's cross-attention is pulled onto its class's corpus segments
+    p.UNET.TEACHER_FORM_SHARE = 0.0
+    # ^ share of captions drawn in the stage-1 teacher form "[subject] is [predicate] [object]"
+    #   (the corpus's "bare" kind; its own mix has 20 %); 0 = the corpus's mix
     p.UNET.LATENT_CACHE = ""  # cache of the corpus's VAE latents ("" = OUTPUT_DIR/latents.npy)
 
     # ------------------------------------------------------------ gates (measured on synthpsg_val)

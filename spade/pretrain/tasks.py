@@ -203,6 +203,7 @@ class UnetTask:
             seed=int(cfg.SEED),
             num_images=int(cfg.PRETRAIN.UNET.NUM_IMAGES),
             encode=clip.tokenizer.encode if float(cfg.PRETRAIN.UNET.GROUNDING_WEIGHT) > 0 else None,
+            teacher_form_share=float(cfg.PRETRAIN.UNET.TEACHER_FORM_SHARE),
         )
 
     def export(self, cfg, model, info: dict) -> str:

@@ -191,19 +191,35 @@ def unet_batches(
     seed: int,
     num_images: int = 0,
     encode=None,
+    teacher_form_share: float = 0.0,
 ) -> Iterator[Dict]:
     """Endless seeded batches of (scaled latents, caption or "" with prob caption_dropout) from
     the first ``num_images`` corpus images (0 = all). With ``encode`` (the text tower's
     tokenizer.encode) each batch also has ``grounding``: per sample the nouns' context positions
-    and class masks (:func:`~spade.pretrain.grounding.grounding_targets`)."""
+    and class masks (:func:`~spade.pretrain.grounding.grounding_targets`).
+
+    ``teacher_form_share`` > 0: that share of the kept captions is drawn in the stage-1 teacher
+    form ("square is left of circle", the corpus's ``bare`` kind) instead of the corpus's own mix
+    (which has 20 % of them); 0 keeps the batches of earlier runs bit for bit.
+    """
+    if not 0.0 <= teacher_form_share <= 1.0:
+        raise ValueError(
+            f"PRETRAIN.UNET.TEACHER_FORM_SHARE must lie in [0, 1], got {teacher_form_share}"
+        )
     stream = corpus.iter_indices(seed, comm.get_rank(), comm.get_world_size(), limit=num_images)
     step = 0
+
+    def draw_caption(rng, i: int, epoch: int) -> str:
+        if rng.random() < caption_dropout:
+            return ""
+        if teacher_form_share > 0 and rng.random() < teacher_form_share:
+            return corpus.caption(i, epoch, kind="bare")
+        return corpus.caption(i, epoch)
+
     while True:
         rng = np.random.default_rng([seed, step, 13])
         picks = [next(stream) for _ in range(batch_size)]
-        captions = [
-            "" if rng.random() < caption_dropout else corpus.caption(i, epoch) for i, epoch in picks
-        ]
+        captions = [draw_caption(rng, i, epoch) for i, epoch in picks]
         batch = {"latents": cache.get(corpus, [i for i, _ in picks]), "captions": captions}
         if encode is not None:
             from .grounding import grounding_targets

@@ -150,3 +150,57 @@ def test_unet_pretraining_with_grounding(stage0_root, tmp_path):
     )
     with pytest.raises(ValueError, match="PRETRAIN.UNET.GROUNDING_WEIGHT"):
         run_pretraining(bad, bad_args)
+
+
+class _ZeroLatents:
+    """A latent cache stand-in: unet_batches only asks it for latents of given images."""
+
+    def get(self, corpus, indices):
+        return torch.zeros(len(indices), 4, 2, 2)
+
+
+def test_teacher_form_share_draws_stage1_captions(tmp_path):
+    """TEACHER_FORM_SHARE 0 keeps the corpus's caption mix bit for bit; 1 gives every kept caption
+    in the stage-1 teacher form "[subject] is [predicate] [object]"; outside [0, 1] is an error
+    naming the key."""
+    from spade.pretrain.corpus import Corpus, CorpusSpec, build_corpus
+    from spade.pretrain.unet import unet_batches
+
+    root = str(tmp_path / "corpus")
+    build_corpus(root, CorpusSpec(seed=0, num_images=16, image_size=64, shard_size=16))
+    corpus = Corpus(root)
+
+    def first(share, steps=3):
+        gen = unet_batches(corpus, _ZeroLatents(), 8, 0.25, seed=3, teacher_form_share=share)
+        return [next(gen)["captions"] for _ in range(steps)]
+
+    # share 0: the draw of earlier runs, one dropout draw per sample then the corpus's own caption
+    stream = corpus.iter_indices(3, 0, 1)
+    expected = []
+    for step in range(3):
+        rng = np.random.default_rng([3, step, 13])
+        picks = [next(stream) for _ in range(8)]
+        expected.append(["" if rng.random() < 0.25 else corpus.caption(i, e) for i, e in picks])
+    assert first(0.0) == expected
+    kept = [c for batch in expected for c in batch if c]
+    assert any("," in c or " and " in c for c in kept)  # the corpus's scene captions are there
+
+    teacher = [c for batch in first(1.0) for c in batch]
+    assert 0 < sum(c == "" for c in teacher) < len(teacher)  # dropout for guidance still applies
+    names = set(THING_CLASSES) | set(STUFF_CLASSES)
+    stream = corpus.iter_indices(3, 0, 1)
+    images = [next(stream)[0] for _ in range(len(teacher))]
+    in_form = 0
+    for c, i in zip(teacher, images):
+        if not c:
+            continue
+        if not corpus.scene(i).candidates:  # no true relation to name: the scene caption
+            assert c in [corpus.caption(i, e, kind="scene") for e in range(4)], c
+            continue
+        subject, rest = c.split(" is ", 1)
+        assert subject in names and rest.split()[-1] in names, c
+        assert "," not in c and "." not in c and c.count(" is ") == 1, c  # bare names, no clauses
+        in_form += 1
+    assert in_form >= 10
+    with pytest.raises(ValueError, match="PRETRAIN.UNET.TEACHER_FORM_SHARE"):
+        first(1.5, steps=1)
