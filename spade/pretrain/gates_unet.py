@@ -10,6 +10,8 @@ maps [3, R, R] are read. For the subject (and the object) map:
   (1 = no localisation).
 Things and stuff are reported apart, for four teachers: the configured one (BELM inversion), DDIM
 inversion, random starting noise instead of inversion, and the same UNet with random weights.
+The comparisons run on the first ``PRETRAIN.GATES.COMPARISON_TRIPLETS`` triplets; the configured
+teacher is also summarised on those (``first_<n>``), so the four stand side by side.
 
 Word maps (reported, no target): the UNet's own cross-attention, without the teacher's
 inversion and sampling. Each thing of the first ``PRETRAIN.GATES.WORD_MAP_IMAGES`` val images gets
@@ -101,8 +103,15 @@ def _image_tensor(im: ValImage, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear")
 
 
-def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets: int, limit: int):
+def pointing_game(
+    teacher, images: List[ValImage], image_size: int, max_triplets: int, limit: int, first: int = 0
+):
     """Hit rates and mass ratios of the teacher's subject / object maps (see module doc).
+
+    Args:
+        first: > 0 adds ``first_<first>``, the same summary over the first ``first`` triplets
+            only, so a teacher run on fewer triplets (the comparisons) can be set beside this one
+            on the same triplets.
 
     Returns:
         ``triplets``; per role (subject, object) and kind (things, stuff): ``pointing_*`` (hit
@@ -110,9 +119,7 @@ def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets
         name -> [hits, count], which tells a class whose word the maps do not find.
     """
     n_things = len(THING_CLASSES)
-    stats = {f"{role}_{kind}": [] for role in ("subject", "object") for kind in ("things", "stuff")}
-    ratios = {k: [] for k in stats}
-    by_class = {role: {} for role in ("subject", "object")}  # role -> class -> [hits, count]
+    records = []  # (triplet index, role, kind, class name, hit, mass ratio), in triplet order
     count = 0
     for im in images:
         if count >= limit:
@@ -132,17 +139,32 @@ def pointing_game(teacher, images: List[ValImage], image_size: int, max_triplets
                 union = np.any([im.masks[j] for j, c in enumerate(im.categories) if c == cat], 0)
                 hit, ratio = hit_and_mass_ratio(m, union)
                 kind = "things" if cat < n_things else "stuff"
-                stats[f"{role}_{kind}"].append(hit)
-                tally = by_class[role].setdefault(CLASS_NAMES[cat], [0, 0])
-                tally[0] += int(hit)
-                tally[1] += 1
-                ratios[f"{role}_{kind}"].append(ratio)
+                records.append((count + t, role, kind, CLASS_NAMES[cat], hit, ratio))
         count += len(rels)
+    out = _pointing_summary(records, count)
+    if first > 0:
+        n = min(first, count)
+        out[f"first_{first}"] = _pointing_summary([r for r in records if r[0] < n], n)
+    return out
+
+
+def _pointing_summary(records, count: int) -> Dict:
+    """:func:`pointing_game`'s summary of per-map records."""
     out = {"triplets": count}
-    for k in stats:
-        out[f"pointing_{k}"] = round(float(np.mean(stats[k])), 4) if stats[k] else None
-        out[f"mass_ratio_{k}"] = round(float(np.mean(ratios[k])), 3) if ratios[k] else None
-        out[f"count_{k}"] = len(stats[k])
+    by_class = {role: {} for role in ("subject", "object")}  # role -> class -> [hits, count]
+    for role in ("subject", "object"):
+        for kind in ("things", "stuff"):
+            rows = [r for r in records if r[1] == role and r[2] == kind]
+            k = f"{role}_{kind}"
+            out[f"pointing_{k}"] = round(float(np.mean([r[4] for r in rows])), 4) if rows else None
+            out[f"mass_ratio_{k}"] = (
+                round(float(np.mean([r[5] for r in rows])), 3) if rows else None
+            )
+            out[f"count_{k}"] = len(rows)
+    for _, role, _, name, hit, _ in records:
+        tally = by_class[role].setdefault(name, [0, 0])
+        tally[0] += int(hit)
+        tally[1] += 1
     out["pointing_by_class"] = {role: dict(sorted(c.items())) for role, c in by_class.items()}
     return out
 
@@ -315,8 +337,10 @@ def unet_gates(cfg, sd_folder: str, images: List[ValImage]) -> Dict:
     out = {}
     for name, teacher in teachers.items():
         logger.info("pointing game: %s", name)
-        n = limit if name == "pretrained_belm" else min(limit, comparison)
-        out[name] = pointing_game(teacher, images, size, per_image, n)
+        configured = name == "pretrained_belm"  # also scored on the comparisons' triplets
+        n = limit if configured else min(limit, comparison)
+        first = comparison if configured else 0
+        out[name] = pointing_game(teacher, images, size, per_image, n, first=first)
     logger.info("word maps: pretrained and random UNet")
     images_for_words = images[:word_images] if word_images else images
     out["word_maps"] = {

@@ -119,3 +119,18 @@ def test_pointing_game_counts_hits_per_role_kind_and_class():
     # subject square likewise; the mean is 6.4
     assert out["mass_ratio_subject_things"] == pytest.approx(6.4, abs=1e-3)
     assert pointing_game(teacher, [image], 16, 4, 1)["triplets"] == 1  # the limit counts triplets
+    # the summary of the first triplet only (circle -> square) sits beside the full one
+    first = pointing_game(teacher, [image], 16, 4, 10, first=1)
+    assert {k: v for k, v in first.items() if k != "first_1"} == out
+    assert first["first_1"]["triplets"] == 1
+    assert (
+        first["first_1"]["count_subject_things"] == 1
+        and first["first_1"]["count_object_stuff"] == 0
+    )
+    assert first["first_1"]["pointing_object_things"] == 0.0
+    assert first["first_1"]["mass_ratio_subject_things"] == pytest.approx(6.4, abs=1e-3)
+    assert first["first_1"]["pointing_by_class"] == {
+        "subject": {"circle": [1, 1]},
+        "object": {"square": [0, 1]},
+    }
+    assert pointing_game(teacher, [image], 16, 4, 10, first=5)["first_5"]["triplets"] == 2
