@@ -51,10 +51,11 @@ def test_gpu_script_runs_every_stage_on_a_miniature(tmp_path):
     assert vae["iterations"] == 2 and "TRAIN_ENCODER: false" in vae["config"]  # the fine-tune
     assert (runs / "vae_decoder" / "model_final.safetensors").is_file()
     unet = read_manifest(str(models / "synthpsg-tiny-sd" / "unet"))
-    # the UNet folder holds the second token grounding continuation (weight 0.2, from the first
-    # continuation's last checkpoint, itself from the first run's)
-    assert unet["iterations"] == 2 and "GROUNDING_WEIGHT: 0.2" in unet["config"]
-    assert "WEIGHTS: " + str(runs / "unet_grounded" / "model_final.safetensors") in unet["config"]
-    for run in ("unet", "unet_grounded", "unet_grounded2"):
+    # the UNet folder holds the third token grounding continuation (teacher-form captions, from
+    # the second continuation's last checkpoint, itself from the first's, itself from the run's)
+    assert unet["iterations"] == 2 and "TEACHER_FORM_SHARE: 0.5" in unet["config"]
+    assert "WEIGHTS: " + str(runs / "unet_grounded2" / "model_final.safetensors") in unet["config"]
+    chain = ("unet", "unet_grounded", "unet_grounded2", "unet_grounded3")
+    for run in chain:
         assert (runs / run / "model_final.safetensors").is_file(), run
-    assert {"unet.log", "unet_grounded.log", "unet_grounded2.log"} <= set(os.listdir(logs))
+    assert {f"{run}.log" for run in chain} <= set(os.listdir(logs))
