@@ -29,9 +29,9 @@ demo: install
 # Stage 0: reproduce every shipped foundation model (models/, see MODEL_ZOO.md) from scratch.
 # On a CPU, CLIP and VAE train side by side (one core each), then the UNet on them and its token
 # grounding continuations (unet_tiny_grounded.yaml, unet_tiny_grounded2.yaml, then
-# unet_tiny_grounded3.yaml); each run
-# resumes where an interrupted one stopped (--resume). With a GPU, tools/pretrain_gpu.sh runs the
-# configs under configs/pretrain/gpu/, each fitted into its PRETRAIN.MAX_WALL_SECONDS.
+# unet_tiny_grounded3.yaml); each run resumes where an interrupted one stopped (--resume). With a
+# GPU, tools/pretrain_gpu.sh runs the configs under configs/pretrain/gpu/, each fitted into its
+# PRETRAIN.MAX_WALL_SECONDS.
 PRETRAIN_ARGS ?= --resume
 PRETRAIN_NET := $(PY) projects/SPADE/pretrain_net.py
 pretrain: install

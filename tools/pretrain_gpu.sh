@@ -80,15 +80,11 @@ stamp "UNet"
 run unet "$MODELS/synthpsg-tiny-sd"; rc_unet=$?
 # the token grounding continuations of the UNet just trained (the second: 4x the weight, half the LR;
 # the third: half of its captions in the stage-1 teacher form)
-if [ $rc_unet -eq 0 ]; then
-  stamp "UNet token grounding (unet_tiny_grounded.yaml)"; continue_unet grounded unet 120.0; rc_unet=$?
-fi
-if [ $rc_unet -eq 0 ]; then
-  stamp "UNet token grounding (unet_tiny_grounded2.yaml)"; continue_unet grounded2 unet_grounded 40.0; rc_unet=$?
-fi
-if [ $rc_unet -eq 0 ]; then
-  stamp "UNet token grounding (unet_tiny_grounded3.yaml)"; continue_unet grounded3 unet_grounded2 40.0; rc_unet=$?
-fi
+for step in "grounded unet 120.0" "grounded2 unet_grounded 40.0" "grounded3 unet_grounded2 40.0"; do
+  [ $rc_unet -eq 0 ] || break
+  set -- $step  # NAME FROM SECONDS
+  stamp "UNet token grounding (unet_tiny_$1.yaml)"; continue_unet "$@"; rc_unet=$?
+done
 stamp "UNet rc=$rc_unet"
 logs=("$LOG/unet.log")  # and the grounding runs', so a failure there shows too
 for f in "$LOG"/unet_grounded*.log; do [ -f "$f" ] && logs+=("$f"); done
