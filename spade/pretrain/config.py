@@ -81,6 +81,9 @@ def add_pretrain_config(cfg: CN) -> None:
     p.UNET.GROUNDING_WEIGHT = 0.0
     # ^ > 0: adds this times the token grounding loss (spade/pretrain/grounding.py, TokenCompose's):
     #   each caption noun's cross-attention is pulled onto its class's corpus segments
+    p.UNET.GROUNDING_PIXEL_WEIGHT = 0.0
+    # ^ > 0: adds this times TokenCompose's pixel loss (grounding.py): per pixel, a noun's attention
+    #   probability against its class mask (BCE), which also says where the noun's peak belongs
     p.UNET.TEACHER_FORM_SHARE = 0.0
     # ^ share of captions drawn in the stage-1 teacher form "[subject] is [predicate] [object]"
     #   (the corpus's "bare" kind; its own mix has 20 %); 0 = the corpus's mix

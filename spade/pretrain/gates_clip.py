@@ -5,6 +5,9 @@
   CLIP branch) against template-ensembled text embeddings (``TextEmbeddingBank`` with stage 2's
   default templates); things and stuff reported apart. ``crops_*_top1``: the same with the
   segment's masked crop (outside pixels grey) through the image tower, for comparison.
+* ``stage2_naming_by_class`` (no target): per class, ``[hits, count, most frequent wrong name]``
+  named the way the SynthPSG stage 2 names it (things: context crops, stuff: pooled segments), which
+  tells a class, such as an open-vocabulary novel one, that CLIP does not name.
 * ``colour_shape_top1``: a square crop around each val thing vs the 56 prompts "a {colour} {shape}".
 * ``retrieval_i2t_r1``: image -> text R@1 among held-out corpus images and their scene captions.
 * ``name_max_cosine`` (no target): the largest cosine between the template-ensembled text
@@ -70,6 +73,18 @@ def _square_crop(rgb: np.ndarray, box, margin: float = 1.6) -> np.ndarray:
     return rgb[top : top + side, left : left + side]
 
 
+def naming_by_class(named: Dict[str, List[str]]) -> Dict[str, List]:
+    """Per true class (sorted): ``[hits, count, most frequent wrong name or None]`` from the
+    names given to its segments (a tie goes to the name given first)."""
+    out = {}
+    for name in sorted(named):
+        given = named[name]
+        wrong = [g for g in given if g != name]
+        common = max(wrong, key=lambda g: (wrong.count(g), -wrong.index(g))) if wrong else None
+        out[name] = [len(given) - len(wrong), len(given), common]
+    return out
+
+
 def _segment_accuracy(clip, images: List[ValImage]) -> Dict:
     """Ground-truth segments named among all class names, three ways: dense features pooled under
     the mask (stage 2's CLIP branch), masked crops, and context crops (the unmasked square crop of
@@ -81,6 +96,7 @@ def _segment_accuracy(clip, images: List[ValImage]) -> Dict:
     hits = {"things": [], "stuff": []}
     crop_hits = {"things": [], "stuff": []}
     context_hits = {"things": [], "stuff": []}
+    named = {}  # class -> names given, the way stage 2 names it (things: context crops)
     for im in images:
         x = clip_preprocess(_to_unit(im.rgb), clip)
         dense = clip_dense_features(clip, x)  # [1, D, g, g]
@@ -99,7 +115,9 @@ def _segment_accuracy(clip, images: List[ValImage]) -> Dict:
             hits[kind].append(pred[s] == cat)
             crop_hits[kind].append(crop_pred[s] == cat)
             context_hits[kind].append(context_pred[s] == cat)
-    out = {}
+            given = context_pred[s] if kind == "things" else pred[s]
+            named.setdefault(CLASS_NAMES[cat], []).append(CLASS_NAMES[given])
+    out = {"clip/stage2_naming_by_class": naming_by_class(named)}
     for kind in ("things", "stuff"):
         out[f"clip/segments_{kind}_top1"] = round(float(np.mean(hits[kind])), 4)
         out[f"clip/crops_{kind}_top1"] = round(float(np.mean(crop_hits[kind])), 4)

@@ -17,6 +17,17 @@ layer (heads averaged, ``A[p]`` the softmax probability of position p at each qu
 averaged over nouns and layers (``pool`` is the area share of M in each cell of the layer's grid).
 It only moves where a noun's attention goes over the image, not how much of it the noun takes from
 the other tokens, so the SD-style conditioning is unchanged.
+
+TokenCompose's second term, the pixel loss (:func:`grounding_pixel_loss`), is a per-pixel binary
+cross-entropy between ``a`` (a probability: the softmax runs over the context at each pixel) and
+``pool(M)``::
+
+    loss_pixel = mean_x BCE(a(x), pool(M)(x))
+
+averaged over nouns and layers. Unlike the token loss it also asks the noun to take the attention
+*inside* its segment and to leave it everywhere else, so a noun whose attention is spread over its
+segment but peaks on a neighbour (a stuff word on the things standing on it) is told where its
+peak belongs.
 """
 
 from __future__ import annotations
@@ -29,7 +40,14 @@ import torch.nn.functional as F
 
 from .captions import SHAPE_SYNONYMS, STUFF_SYNONYMS
 
-__all__ = ["NOUN_PHRASES", "noun_spans", "grounding_targets", "LayerMapStore", "grounding_loss"]
+__all__ = [
+    "NOUN_PHRASES",
+    "noun_spans",
+    "grounding_targets",
+    "LayerMapStore",
+    "grounding_loss",
+    "grounding_pixel_loss",
+]
 
 
 def _noun_table() -> Dict[Tuple[str, ...], str]:
@@ -121,6 +139,33 @@ class LayerMapStore:
         self.maps.append(self._layer_maps(probs, batch))
 
 
+def _noun_layer_maps(layer_maps, targets):
+    """Per recorded layer, ``(a, pooled)``: each noun's summed attention probabilities
+    ``[E, hh, ww]`` and its class mask's area share per cell ``[E, hh, ww]``; ``None`` when no
+    sample of the batch has a noun."""
+    if not layer_maps:
+        raise ValueError("grounding losses need at least one recorded cross-attention layer")
+    ref = layer_maps[0]
+    rows = [(b, pos, m) for b, items in enumerate(targets) for pos, m in items]
+    if not rows:
+        return None
+    length = ref.shape[1]
+    select = torch.zeros(len(rows), length, dtype=ref.dtype, device=ref.device)
+    for r, (_, pos, _) in enumerate(rows):
+        select[r, pos] = 1.0
+    sample = torch.tensor([b for b, _, _ in rows], device=ref.device)
+    masks = torch.from_numpy(np.stack([m for _, _, m in rows])).to(ref)[:, None]  # [E,1,H,W]
+    pooled: Dict[Tuple[int, int], torch.Tensor] = {}
+    out = []
+    for maps in layer_maps:
+        hh, ww = maps.shape[-2:]
+        if (hh, ww) not in pooled:
+            pooled[(hh, ww)] = F.adaptive_avg_pool2d(masks, (hh, ww))[:, 0]
+        attn = torch.einsum("el,elhw->ehw", select, maps[sample].to(ref.dtype))
+        out.append((attn, pooled[(hh, ww)]))
+    return out
+
+
 def grounding_loss(
     layer_maps: Sequence[torch.Tensor], targets: Sequence[Sequence[Tuple[List[int], np.ndarray]]]
 ) -> torch.Tensor:
@@ -132,27 +177,27 @@ def grounding_loss(
     Returns:
         scalar; 0 (still attached to the maps) when no sample has a noun.
     """
-    if not layer_maps:
-        raise ValueError("grounding_loss needs at least one recorded cross-attention layer")
-    ref = layer_maps[0]
-    rows = [(b, pos, m) for b, items in enumerate(targets) for pos, m in items]
-    if not rows:
+    per_layer = _noun_layer_maps(layer_maps, targets)
+    if per_layer is None:
         return sum(m.sum() for m in layer_maps) * 0.0
-    length = ref.shape[1]
-    select = torch.zeros(len(rows), length, dtype=ref.dtype, device=ref.device)
-    for r, (_, pos, _) in enumerate(rows):
-        select[r, pos] = 1.0
-    sample = torch.tensor([b for b, _, _ in rows], device=ref.device)
-    masks = torch.from_numpy(np.stack([m for _, _, m in rows])).to(ref)[:, None]  # [E,1,H,W]
-    pooled: Dict[Tuple[int, int], torch.Tensor] = {}
     losses = []
-    for maps in layer_maps:
-        hh, ww = maps.shape[-2:]
-        if (hh, ww) not in pooled:
-            pooled[(hh, ww)] = F.adaptive_avg_pool2d(masks, (hh, ww))[:, 0]
-        attn = torch.einsum("el,elhw->ehw", select, maps[sample].to(ref.dtype))
-        inside = (attn * pooled[(hh, ww)]).flatten(1).sum(1) / attn.flatten(1).sum(1).clamp_min(
-            1e-12
-        )
+    for attn, pooled in per_layer:
+        inside = (attn * pooled).flatten(1).sum(1) / attn.flatten(1).sum(1).clamp_min(1e-12)
         losses.append(((1.0 - inside) ** 2).mean())
+    return torch.stack(losses).mean()
+
+
+def grounding_pixel_loss(
+    layer_maps: Sequence[torch.Tensor], targets: Sequence[Sequence[Tuple[List[int], np.ndarray]]]
+) -> torch.Tensor:
+    """TokenCompose's pixel loss (module doc): BCE of each noun's attention probability against
+    its class mask's area share, mean over pixels, nouns and layers (same arguments and empty
+    case as :func:`grounding_loss`)."""
+    per_layer = _noun_layer_maps(layer_maps, targets)
+    if per_layer is None:
+        return sum(m.sum() for m in layer_maps) * 0.0
+    losses = []
+    for attn, pooled in per_layer:
+        a = attn.float().clamp(1e-6, 1.0 - 1e-6)  # a sum of softmax probabilities: within [0, 1]
+        losses.append(F.binary_cross_entropy(a, pooled.float()))
     return torch.stack(losses).mean()

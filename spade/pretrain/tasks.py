@@ -79,6 +79,12 @@ def region_grid(cfg) -> int:
     return int(c.IMAGE_SIZE) // int(c.PATCH_SIZE) if float(c.REGION_WEIGHT) > 0 else 0
 
 
+def _grounded(cfg) -> bool:
+    """Whether the UNet trains with a grounding loss (so its batches need grounding targets)."""
+    u = cfg.PRETRAIN.UNET
+    return float(u.GROUNDING_WEIGHT) > 0 or float(u.GROUNDING_PIXEL_WEIGHT) > 0
+
+
 def _export_dir(cfg) -> str:
     out = str(cfg.PRETRAIN.EXPORT_DIR)
     if not out:
@@ -180,10 +186,18 @@ class UnetTask:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(cfg.SEED))
             unet = UNet2DConditionModel(**config)
-        weight = float(cfg.PRETRAIN.UNET.GROUNDING_WEIGHT)
-        if weight < 0:
-            raise ValueError(f"PRETRAIN.UNET.GROUNDING_WEIGHT must be >= 0, got {weight}")
-        return UnetPretrainModel(unet, clip, seed=int(cfg.SEED), grounding_weight=weight)
+        weights = {}
+        for key in ("GROUNDING_WEIGHT", "GROUNDING_PIXEL_WEIGHT"):
+            weights[key] = float(cfg.PRETRAIN.UNET.get(key))
+            if weights[key] < 0:
+                raise ValueError(f"PRETRAIN.UNET.{key} must be >= 0, got {weights[key]}")
+        return UnetPretrainModel(
+            unet,
+            clip,
+            seed=int(cfg.SEED),
+            grounding_weight=weights["GROUNDING_WEIGHT"],
+            pixel_weight=weights["GROUNDING_PIXEL_WEIGHT"],
+        )
 
     def batches(self, cfg):
         from .unet import LatentCache, unet_batches
@@ -202,7 +216,7 @@ class UnetTask:
             float(cfg.PRETRAIN.UNET.CAPTION_DROPOUT),
             seed=int(cfg.SEED),
             num_images=int(cfg.PRETRAIN.UNET.NUM_IMAGES),
-            encode=clip.tokenizer.encode if float(cfg.PRETRAIN.UNET.GROUNDING_WEIGHT) > 0 else None,
+            encode=clip.tokenizer.encode if _grounded(cfg) else None,
             teacher_form_share=float(cfg.PRETRAIN.UNET.TEACHER_FORM_SHARE),
         )
 

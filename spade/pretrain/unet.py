@@ -84,9 +84,11 @@ class UnetPretrainModel(nn.Module):
     """Trainable UNet + frozen text tower; ``forward(batch)`` returns ``{"loss_eps": ...}``.
 
     batch: ``latents`` float [B, C, h, w] (scaled), ``captions`` list of B strings, and with
-    ``grounding_weight`` > 0 ``grounding``: per sample its
+    ``grounding_weight`` or ``pixel_weight`` > 0 ``grounding``: per sample its
     :func:`~spade.pretrain.grounding.grounding_targets`; the loss dict then also has
-    ``loss_ground`` (weight times the token grounding loss over every cross-attention layer).
+    ``loss_ground`` (``grounding_weight`` times the token grounding loss over every
+    cross-attention layer) and ``loss_ground_pixel`` (``pixel_weight`` times the pixel loss),
+    each where its weight is > 0.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class UnetPretrainModel(nn.Module):
         clip: ClipParts,
         seed: int = 0,
         grounding_weight: float = 0.0,
+        pixel_weight: float = 0.0,
     ):
         super().__init__()
         self.unet = unet
@@ -102,6 +105,7 @@ class UnetPretrainModel(nn.Module):
         self.scheduler = training_scheduler()
         self.seed = int(seed)
         self.grounding_weight = float(grounding_weight)
+        self.pixel_weight = float(pixel_weight)
         self._step = 0
 
     def _apply(self, fn, recurse: bool = True):
@@ -118,22 +122,26 @@ class UnetPretrainModel(nn.Module):
             0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=g
         )
         noisy = self.scheduler.add_noise(latents, noise, t.to(latents.device))
-        grounding = self.grounding_weight > 0
+        grounding = self.grounding_weight > 0 or self.pixel_weight > 0
         if grounding and "grounding" not in batch:
             raise KeyError(
-                "PRETRAIN.UNET.GROUNDING_WEIGHT > 0 needs batches with 'grounding' targets"
+                "PRETRAIN.UNET.GROUNDING_WEIGHT or GROUNDING_PIXEL_WEIGHT > 0 needs batches with "
+                "'grounding' targets"
             )
         from spade.calibration.attention import capture_cross_attention
 
-        from .grounding import LayerMapStore, grounding_loss
+        from .grounding import LayerMapStore, grounding_loss, grounding_pixel_loss
 
         store = LayerMapStore(latents.shape[-2:]) if grounding else None
         with capture_cross_attention(self.unet, store) if grounding else nullcontext():
             pred = self.unet(noisy, t.to(latents.device), encoder_hidden_states=context).sample
         losses = {"loss_eps": F.mse_loss(pred.float(), noise.float())}
-        if grounding:
+        if self.grounding_weight > 0:
             ground = grounding_loss(store.maps, batch["grounding"])
             losses["loss_ground"] = self.grounding_weight * ground.float()
+        if self.pixel_weight > 0:
+            pixel = grounding_pixel_loss(store.maps, batch["grounding"])
+            losses["loss_ground_pixel"] = self.pixel_weight * pixel.float()
         return losses
 
 

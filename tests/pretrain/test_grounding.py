@@ -2,6 +2,7 @@
 pretraining step that trains with it."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -16,6 +17,7 @@ from spade.pretrain.grounding import (
     NOUN_PHRASES,
     LayerMapStore,
     grounding_loss,
+    grounding_pixel_loss,
     grounding_targets,
     noun_spans,
 )
@@ -91,6 +93,48 @@ def test_token_loss_by_hand():
     assert grounding_loss([maps], [[([1, 2], mask)]]).item() == pytest.approx(0.25)
 
 
+def test_pixel_loss_by_hand():
+    # one sample, 3 context positions, a 2 x 2 layer; the noun is position 1
+    maps = torch.zeros(1, 3, 2, 2)
+    maps[0, 1] = torch.tensor([[0.5, 0.25], [0.25, 0.1]])
+    mask = np.zeros((4, 4), np.float32)
+    mask[:2, :2] = 1  # covers the top-left cell
+    mask[2, 2] = 1  # and a quarter of the bottom-right cell
+    # BCE per cell against the area shares [[1, 0], [0, 0.25]], then the mean over the 4 cells
+    cells = [
+        -math.log(0.5),
+        -math.log(0.75),
+        -math.log(0.75),
+        -(0.25 * math.log(0.1) + 0.75 * math.log(0.9)),
+    ]
+    expected = sum(cells) / 4
+    assert grounding_pixel_loss([maps], [[([1], mask)]]).item() == pytest.approx(expected, rel=1e-5)
+    # a noun that takes all the attention inside and none outside scores (near) 0 on a layer
+    exact = torch.zeros(1, 3, 2, 2)
+    exact[0, 1, 0, 0] = 1.0
+    top_left = np.zeros((2, 2), np.float32)
+    top_left[0, 0] = 1
+    assert grounding_pixel_loss([exact], [[([1], top_left)]]).item() < 1e-4
+    # the mean over layers; no noun gives 0, still attached
+    both = grounding_pixel_loss([maps, exact], [[([1], mask)]]).item()
+    second = grounding_pixel_loss([exact], [[([1], mask)]]).item()
+    assert both == pytest.approx((expected + second) / 2, rel=1e-5)
+    free = torch.rand(1, 3, 2, 2, requires_grad=True)
+    zero = grounding_pixel_loss([free], [[]])
+    assert zero.item() == 0.0 and zero.requires_grad
+
+
+def test_pixel_loss_moves_the_peak_onto_the_mask():
+    # the noun's attention peaks outside its segment (a stuff word on the thing standing on it)
+    maps = torch.tensor([[[[0.1, 0.1], [0.3, 0.05]]]]).repeat(1, 2, 1, 1).requires_grad_(True)
+    mask = np.zeros((2, 2), np.float32)
+    mask[0] = 1  # the segment is the top row
+    grounding_pixel_loss([maps], [[([1], mask)]]).backward()
+    g = maps.grad[0, 1]
+    assert (g[0] < 0).all() and (g[1] > 0).all()  # descent raises inside, lowers outside
+    assert (maps.grad[0, 0] == 0).all()
+
+
 def test_loss_pulls_attention_into_the_mask():
     maps = torch.full((1, 2, 2, 2), 0.25, requires_grad=True)
     mask = np.zeros((2, 2), np.float32)
@@ -120,8 +164,9 @@ def test_layer_store_keeps_each_layer_at_its_grid():
 
 
 def test_unet_pretraining_with_grounding(stage0_root, tmp_path):
-    """A UNet step with PRETRAIN.UNET.GROUNDING_WEIGHT logs a positive grounding loss; a negative
-    weight is an error naming the key."""
+    """A UNet step with PRETRAIN.UNET.GROUNDING_WEIGHT and GROUNDING_PIXEL_WEIGHT logs both
+    grounding losses, the pixel loss alone still gets its targets, and a negative weight is an
+    error naming its key."""
     made = {"clip": stage0_root / "clip" / "open_clip_config.json"}
     made["vae"] = stage0_root / "sd" / "vae" / "config.json"
     for task in ("clip", "vae"):
@@ -139,17 +184,29 @@ def test_unet_pretraining_with_grounding(stage0_root, tmp_path):
         "PRETRAIN.EXPORT_DIR", str(tmp_path / "sd_grounded"),
         "OUTPUT_DIR", str(tmp_path / "out"),
     ]  # fmt: skip
-    cfg, args = tiny_cfg(config, stage0_root, "unet", max_iter=2, extra=extra)
+    pixel = ["PRETRAIN.UNET.GROUNDING_PIXEL_WEIGHT", "0.05"]
+    cfg, args = tiny_cfg(config, stage0_root, "unet", max_iter=2, extra=extra + pixel)
     assert cfg.PRETRAIN.UNET.GROUNDING_WEIGHT > 0
     run_pretraining(cfg, args)
     rows = [json.loads(line) for line in open(tmp_path / "out" / "metrics.json")]
     ground = [r["loss_ground"] for r in rows if "loss_ground" in r]
     assert ground and all(0 < g <= cfg.PRETRAIN.UNET.GROUNDING_WEIGHT for g in ground)
-    bad, bad_args = tiny_cfg(
-        config, stage0_root, "unet", extra=extra + ["PRETRAIN.UNET.GROUNDING_WEIGHT", "-1.0"]
-    )
-    with pytest.raises(ValueError, match="PRETRAIN.UNET.GROUNDING_WEIGHT"):
-        run_pretraining(bad, bad_args)
+    # BCE of a probability against a share: positive; below 0.05 x -log(1e-6) by the clamp
+    pixels = [r["loss_ground_pixel"] for r in rows if "loss_ground_pixel" in r]
+    assert pixels and all(0 < p < 0.05 * 14 for p in pixels)
+    # the pixel loss alone still asks the batches for grounding targets
+    only = ["PRETRAIN.UNET.GROUNDING_WEIGHT", "0.0", "OUTPUT_DIR", str(tmp_path / "pixel_only")]
+    cfg, args = tiny_cfg(config, stage0_root, "unet", max_iter=2, extra=extra + pixel + only)
+    run_pretraining(cfg, args)
+    rows = [json.loads(line) for line in open(tmp_path / "pixel_only" / "metrics.json")]
+    assert any("loss_ground_pixel" in r for r in rows)
+    assert not any("loss_ground" in r for r in rows)
+    for key in ("GROUNDING_WEIGHT", "GROUNDING_PIXEL_WEIGHT"):
+        bad, bad_args = tiny_cfg(
+            config, stage0_root, "unet", extra=extra + [f"PRETRAIN.UNET.{key}", "-1.0"]
+        )
+        with pytest.raises(ValueError, match=f"PRETRAIN.UNET.{key} must be"):
+            run_pretraining(bad, bad_args)
 
 
 class _ZeroLatents:

@@ -242,6 +242,26 @@ def test_name_separation_by_hand():
     assert out["clip/name_closest_pair"] == ["x", "z"]
 
 
+def test_naming_by_class_by_hand():
+    """Hits, count and the most frequent wrong name per class; a tie goes to the first given."""
+    from spade.pretrain.gates_clip import naming_by_class
+
+    named = {
+        "star": ["star", "star", "ring"],
+        "diamond": ["hexagon", "square", "hexagon", "diamond"],
+        "hexagon": ["circle", "diamond", "diamond", "circle"],
+        "floor": ["floor"],
+    }
+    assert naming_by_class(named) == {
+        "diamond": [1, 4, "hexagon"],
+        "floor": [1, 1, None],
+        "hexagon": [0, 4, "circle"],
+        "star": [2, 3, "ring"],
+    }
+    assert list(naming_by_class(named)) == ["diamond", "floor", "hexagon", "star"]
+    assert naming_by_class({}) == {}
+
+
 def test_token_state_neighbours_by_hand():
     """Each name's tokens are averaged, the mean over names is removed, and a thing whose nearest
     name is stuff is counted. Things a, b (b has two tokens), stuff s, t; every token's state is

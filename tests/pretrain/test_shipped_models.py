@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import get_cfg
 
+from spade.data.synthpsg import THING_CLASSES
 from spade.pretrain import add_pretrain_config
 from spade.pretrain.gates import vae_gates, val_images
 from spade.utils.manifest import verify_model_folder
@@ -75,6 +76,16 @@ def test_clip_knows_the_captions_and_some_names(images, tmp):
     # the two ways the SynthPSG stage 2 names segments (shipped, all 60: 0.926 / 0.985)
     assert out["clip/context_crops_things_top1"] >= 0.8
     assert out["clip/segments_stuff_top1"] >= 0.85
+    # per class, the same namings: things by context crops, stuff by pooled segments
+    by_class = out["clip/stage2_naming_by_class"]
+    things = [v for k, v in by_class.items() if k in THING_CLASSES]
+    assert sum(v[0] for v in things) / sum(v[1] for v in things) == pytest.approx(
+        out["clip/context_crops_things_top1"], abs=1e-4
+    )
+    assert all(
+        0 <= hits <= count and (wrong is None) == (hits == count)
+        for hits, count, wrong in by_class.values()
+    )
     # reported, no target (MODEL_ZOO.md: five shape names nearly coincide in the shipped tower)
     assert -1.0 <= out["clip/name_max_cosine"] <= 1.0 + 1e-6
     assert len(set(out["clip/name_closest_pair"])) == 2
