@@ -164,6 +164,10 @@ def _add_model_config(cfg: CN) -> None:
     s.MASK_HEAD.ENFORCE_INPUT_PROJ = False  # always project features to HIDDEN_DIM
     s.MASK_HEAD.DEEP_SUPERVISION = True  # losses on every decoder layer
     s.MASK_HEAD.NO_OBJECT_WEIGHT = 0.1  # cross-entropy weight of the no-object class
+    s.MASK_HEAD.VOID_QUERY_SHARE = 0.0
+    # ^ > 0: an unmatched query with at least this share of its predicted mask on unlabelled pixels
+    #   (void, or the segments an open-vocabulary split removes: its novel objects) is left out of
+    #   the class loss instead of being taught "no object"; 0 = Mask2Former's loss
     s.MASK_HEAD.CLASS_WEIGHT = 2.0  # class loss and matching-cost weight
     s.MASK_HEAD.MASK_WEIGHT = 5.0  # BCE mask loss and cost weight
     s.MASK_HEAD.DICE_WEIGHT = 5.0  # dice loss and cost weight
@@ -300,6 +304,7 @@ _CHOICES = {
 _RANGES = {
     "MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA": (0.0, 1.0),
     "MODEL.SPADE.OPEN_VOCAB.FUSION_BETA": (0.0, 1.0),
+    "MODEL.SPADE.MASK_HEAD.VOID_QUERY_SHARE": (0.0, 1.0),
     "MODEL.SPADE.RELATION.ETA": (-1.0, 1.0),
     "MODEL.SPADE.OPEN_VOCAB.TEXT_WHITENING": (0.0, 1.0),
     "MODEL.SPADE.OPEN_VOCAB.CLIP_CROP_SCALE": (0.0, None),

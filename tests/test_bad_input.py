@@ -398,6 +398,12 @@ CASES = [
         ["MODEL.SPADE.OPEN_VOCAB.FUSION_ALPHA", "1.5"],
     ),
     (
+        "void query share out of range",
+        _cfg_case(opts=["MODEL.SPADE.MASK_HEAD.VOID_QUERY_SHARE", "1.5"]),
+        ValueError,
+        ["MODEL.SPADE.MASK_HEAD.VOID_QUERY_SHARE", "1.5"],
+    ),
+    (
         "predicate fusion out of range",
         _cfg_case(opts=["MODEL.SPADE.RELATION.FUSION_BETA", "-0.5"]),
         ValueError,

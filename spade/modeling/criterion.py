@@ -4,7 +4,7 @@ Shape shorthand: B batch, Q queries, K classes (+1 no-object), N ground-truth se
 P sampled points, h x w predicted masks, H x W target masks.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,7 @@ class SetCriterion(nn.Module):
         mask_weight: float = 5.0,
         dice_weight: float = 5.0,
         no_object_weight: float = 0.1,
+        void_query_share: float = 0.0,
         num_points: int = 12544,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
@@ -65,12 +66,21 @@ class SetCriterion(nn.Module):
             matcher: the Hungarian matcher.
             class_weight, mask_weight, dice_weight: weights of the three loss terms.
             no_object_weight: cross-entropy weight of the no-object class.
+            void_query_share: > 0: an unmatched query with at least this share of its predicted
+                mask (sigmoid mass) on the target's ``void`` pixels is left out of the class loss
+                (an open-vocabulary split leaves its novel objects unlabelled: a query that finds
+                one is not taught "no object"); 0 = every unmatched query targets no-object.
             num_points, oversample_ratio, importance_sample_ratio: importance point sampling.
             num_aux_outputs: intermediate predictions supervised (0 = final layer only).
         """
         super().__init__()
         self.matcher = matcher
         self.no_object_weight = no_object_weight
+        if not 0.0 <= void_query_share <= 1.0:
+            raise ValueError(
+                f"MODEL.SPADE.MASK_HEAD.VOID_QUERY_SHARE must lie in [0, 1], got {void_query_share}"
+            )
+        self.void_query_share = void_query_share
         self.num_points, self.oversample_ratio = num_points, oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.num_aux_outputs = num_aux_outputs
@@ -87,8 +97,29 @@ class SetCriterion(nn.Module):
             count = count / dist.get_world_size()
         return max(float(count), 1.0)
 
-    def loss_labels(self, logits: Tensor, targets, indices: Indices) -> Tensor:
-        """Cross-entropy over K+1 classes; unmatched queries target no-object (index K)."""
+    @torch.no_grad()
+    def void_queries(self, mask_logits: Tensor, targets, indices: Indices) -> Tensor:
+        """bool [B, Q]: unmatched queries with at least ``void_query_share`` of their mask's
+        sigmoid mass on the target's ``void`` pixels (pooled to the prediction's grid)."""
+        out = torch.zeros(mask_logits.shape[:2], dtype=torch.bool, device=mask_logits.device)
+        for b, (q_idx, _) in enumerate(indices):
+            void = targets[b].get("void")
+            if void is None or not bool(void.any()):
+                continue
+            share = F.adaptive_avg_pool2d(void[None, None].float(), mask_logits.shape[-2:])[0, 0]
+            probs = mask_logits[b].float().sigmoid()  # [Q, h, w]
+            on_void = (probs * share.to(probs.device)).flatten(1).sum(1)
+            on_void = on_void / probs.flatten(1).sum(1).clamp_min(1e-6)
+            out[b] = on_void >= self.void_query_share
+            out[b, q_idx.to(out.device)] = False  # matched queries always keep their class
+        return out
+
+    def loss_labels(
+        self, logits: Tensor, targets, indices: Indices, mask_logits: Optional[Tensor] = None
+    ) -> Tensor:
+        """Cross-entropy over K+1 classes; unmatched queries target no-object (index K), except,
+        with ``void_query_share`` > 0 (and ``mask_logits`` [B, Q, h, w] given), those on void
+        pixels (:meth:`void_queries`), which are left out of the weighted mean."""
         num_classes = logits.shape[-1] - 1
         target_classes = torch.full(
             logits.shape[:2], num_classes, dtype=torch.long, device=logits.device
@@ -99,7 +130,12 @@ class SetCriterion(nn.Module):
             ]
         weight = torch.ones(num_classes + 1, device=logits.device, dtype=logits.dtype)
         weight[-1] = self.no_object_weight
-        return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+        if self.void_query_share <= 0 or mask_logits is None:
+            return F.cross_entropy(logits.transpose(1, 2), target_classes, weight)
+        # the weighted mean of F.cross_entropy, with the void queries' weights set to 0
+        loss = F.cross_entropy(logits.transpose(1, 2), target_classes, reduction="none")
+        w = weight[target_classes] * (~self.void_queries(mask_logits, targets, indices)).to(loss)
+        return (loss * w).sum() / w.sum().clamp_min(1e-12)
 
     def loss_masks(self, mask_logits: Tensor, targets, indices: Indices, num_masks: float):
         """BCE and dice on importance-sampled points of the matched masks."""
@@ -132,7 +168,9 @@ class SetCriterion(nn.Module):
         indices = self.matcher(outputs, targets)
         loss_mask, loss_dice = self.loss_masks(outputs["pred_masks"], targets, indices, num_masks)
         losses = {
-            "loss_ce" + suffix: self.loss_labels(outputs["pred_logits"], targets, indices),
+            "loss_ce" + suffix: self.loss_labels(
+                outputs["pred_logits"], targets, indices, outputs["pred_masks"]
+            ),
             "loss_mask" + suffix: loss_mask,
             "loss_dice" + suffix: loss_dice,
         }

@@ -92,3 +92,51 @@ def test_deep_supervision_weight_dict_and_aux_losses():
         crit({**out, "aux_outputs": [dict(out)] * 3}, targets)
     with pytest.raises(ValueError, match="1 predictions, 2 targets"):
         crit(out, targets * 2)
+
+
+def test_void_queries_leave_the_class_loss():
+    """With VOID_QUERY_SHARE 0.5 an unmatched query whose mask lies on void pixels (an unlabelled
+    novel object) is left out of the weighted cross-entropy; matched queries and queries elsewhere
+    keep theirs. Q = 3, K = 2 (+ no-object), one target on the left half, void in the top right."""
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:, :2] = True
+    void = torch.zeros(4, 4, dtype=torch.bool)
+    void[:2, 2:] = True
+    pred = torch.full((1, 3, 4, 4), -20.0)
+    pred[0, 0][mask] = 20.0  # query 0 fits the target: matched
+    pred[0, 1][void] = 20.0  # query 1 covers the void region
+    pred[0, 2][2:, 2:] = 20.0  # query 2 covers the labelled bottom right
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    target = {"labels": torch.tensor([0]), "masks": mask[None], "void": void}
+    indices = [(torch.tensor([0]), torch.tensor([0]))]
+    ce = [
+        -torch.log_softmax(logits[0, q], -1)[c].item() for q, c in ((0, 0), (1, 2), (2, 2))
+    ]  # query 0 -> class 0, queries 1, 2 -> no-object (index 2, weight 0.1)
+    crit = _criterion(void_query_share=0.5)
+    assert crit.void_queries(pred, [target], indices).tolist() == [[False, True, False]]
+    loss = crit.loss_labels(logits, [target], indices, pred).item()
+    assert loss == pytest.approx((ce[0] + 0.1 * ce[2]) / 1.1, rel=1e-5)
+    # off (0), or without masks: Mask2Former's loss, every unmatched query targets no-object
+    full = (ce[0] + 0.1 * ce[1] + 0.1 * ce[2]) / 1.2
+    assert _criterion().loss_labels(logits, [target], indices, pred).item() == pytest.approx(
+        full, rel=1e-5
+    )
+    assert crit.loss_labels(logits, [target], indices).item() == pytest.approx(full, rel=1e-5)
+    # a matched query on void keeps its class; an image without void drops nothing
+    assert not crit.void_queries(pred, [target], [(torch.tensor([1]), torch.tensor([0]))])[0, 1]
+    no_void = dict(target, void=torch.zeros(4, 4, dtype=torch.bool))
+    assert not crit.void_queries(pred, [no_void], indices).any()
+    with pytest.raises(ValueError, match="VOID_QUERY_SHARE"):
+        _criterion(void_query_share=1.5)
+
+
+def test_void_share_is_the_mask_mass_on_void():
+    """Half of query 0's sigmoid mass lies on void: dropped at share 0.5, kept at 0.6."""
+    void = torch.zeros(2, 2, dtype=torch.bool)
+    void[0] = True
+    pred = torch.full((1, 1, 2, 2), 20.0)  # the whole image
+    target = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 2, 2)}
+    target["void"] = void
+    none = [(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))]
+    assert _criterion(void_query_share=0.5).void_queries(pred, [target], none).tolist() == [[True]]
+    assert _criterion(void_query_share=0.6).void_queries(pred, [target], none).tolist() == [[False]]

@@ -48,9 +48,21 @@ def test_training_targets_use_base_ids_and_reject_novel_ones():
     target = model.prepare_targets([x], images)[0]
     assert target["labels"].tolist() == [0, 1, 3]
     assert target["gt_relations"].tolist() == [[0, 1, 0], [1, 2, 1]]
+    # void: the image's pixels no target covers (a removed novel object's), never the padding
+    h, w = images.image_sizes[0]
+    covered = x["instances"].gt_masks.any(0)
+    assert torch.equal(target["void"][:h, :w], ~covered)
+    assert not target["void"][h:].any() and not target["void"][:, w:].any()
+    assert (h, w) != tuple(images.tensor.shape[-2:])  # the input is padded, so this is checked
     model.train()
     losses = model([x])
     assert all(torch.isfinite(v) for v in losses.values())
+    # MASK_HEAD.VOID_QUERY_SHARE reaches the criterion and a step still trains
+    cfg.MODEL.SPADE.MASK_HEAD.VOID_QUERY_SHARE = 0.5
+    torch.manual_seed(0)
+    void_model = build_model(cfg).train()
+    assert void_model.criterion.void_query_share == 0.5
+    assert all(torch.isfinite(v) for v in void_model([x]).values())
 
     x["instances"].gt_classes = torch.tensor([0, 1, 4])  # "box" is novel
     with pytest.raises(ValueError, match=r"class ids \[1\]"):

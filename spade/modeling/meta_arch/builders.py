@@ -34,6 +34,7 @@ def build_criterion(cfg: CfgNode) -> SetCriterion:
         mask_weight=m.MASK_WEIGHT,
         dice_weight=m.DICE_WEIGHT,
         no_object_weight=m.NO_OBJECT_WEIGHT,
+        void_query_share=m.VOID_QUERY_SHARE,
         num_points=m.TRAIN_NUM_POINTS,
         oversample_ratio=m.OVERSAMPLE_RATIO,
         importance_sample_ratio=m.IMPORTANCE_SAMPLE_RATIO,

@@ -280,11 +280,12 @@ class SPADE(nn.Module):
     def prepare_targets(
         self, batched_inputs: List[Dict], images: ImageList
     ) -> List[Dict[str, Tensor]]:
-        """Per image {"labels": long [N], "masks": bool [N, H, W] padded, "gt_relations" [R, 3]}"""
+        """Per image {"labels": long [N], "masks": bool [N, H, W] padded, "gt_relations" [R, 3],
+        "void": bool [H, W]} (void: the image's pixels, padding excluded, that no target covers)."""
         height, width = images.tensor.shape[-2:]
         num_classes = len(self.train_vocabulary.class_names)
         targets = []
-        for x in batched_inputs:
+        for i, x in enumerate(batched_inputs):
             name = x.get("image_id", x.get("file_name", "?"))
             if "instances" not in x:
                 raise KeyError(f"SPADE: training input {name} has no 'instances'")
@@ -302,7 +303,12 @@ class SPADE(nn.Module):
             if len(relations):
                 predicates = self._to_train_ids(relations[:, 2].long(), "predicate", name)
                 relations = torch.cat([relations[:, :2], predicates[:, None]], dim=1)
-            targets.append({"labels": labels, "masks": masks, "gt_relations": relations})
+            void = torch.zeros((height, width), dtype=torch.bool, device=self.device)
+            h, w = images.image_sizes[i]
+            void[:h, :w] = ~masks[:, :h, :w].any(0)
+            targets.append(
+                {"labels": labels, "masks": masks, "gt_relations": relations, "void": void}
+            )
         return targets
 
     def _to_train_ids(self, ids: Tensor, kind: str, image: str) -> Tensor:
