@@ -28,10 +28,10 @@ demo: install
 
 # Stage 0: reproduce every shipped foundation model (models/, see MODEL_ZOO.md) from scratch.
 # On a CPU, CLIP and VAE train side by side (one core each), then the UNet on them and its token
-# grounding continuations (unet_tiny_grounded.yaml, unet_tiny_grounded2.yaml, then
-# unet_tiny_grounded3.yaml); each run resumes where an interrupted one stopped (--resume). With a
-# GPU, tools/pretrain_gpu.sh runs the configs under configs/pretrain/gpu/, each fitted into its
-# PRETRAIN.MAX_WALL_SECONDS.
+# grounding continuations (unet_tiny_grounded.yaml, unet_tiny_grounded2.yaml,
+# unet_tiny_grounded3.yaml, then unet_tiny_grounded4.yaml); each run resumes where an interrupted
+# one stopped (--resume). With a GPU, tools/pretrain_gpu.sh runs the configs under
+# configs/pretrain/gpu/, each fitted into its PRETRAIN.MAX_WALL_SECONDS.
 PRETRAIN_ARGS ?= --resume
 PRETRAIN_NET := $(PY) projects/SPADE/pretrain_net.py
 pretrain: install
@@ -47,7 +47,8 @@ pretrain: install
 	test $$vae -eq 0 && $(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS) && \
 	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded.yaml $(PRETRAIN_ARGS) && \
 	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded2.yaml $(PRETRAIN_ARGS) && \
-	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded3.yaml $(PRETRAIN_ARGS)
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded3.yaml $(PRETRAIN_ARGS) && \
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded4.yaml $(PRETRAIN_ARGS)
 
 # The paper's ablations in miniature (docs/ABLATIONS.md): cached runs, so a second call only prints
 # the table; ABLATION_ARGS=--quick for a smoke test, --only TABLE to run some tables.
