@@ -45,6 +45,7 @@ __all__ = [
     "noun_spans",
     "grounding_targets",
     "LayerMapStore",
+    "grounding_losses",
     "grounding_loss",
     "grounding_pixel_loss",
 ]
@@ -166,38 +167,42 @@ def _noun_layer_maps(layer_maps, targets):
     return out
 
 
-def grounding_loss(
+def grounding_losses(
     layer_maps: Sequence[torch.Tensor], targets: Sequence[Sequence[Tuple[List[int], np.ndarray]]]
-) -> torch.Tensor:
-    """TokenCompose's token loss (module doc), mean over the nouns of the batch and the layers.
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(token loss, pixel loss) of the module doc, each a mean over the nouns of the batch and the
+    layers, from one pass over the layers.
 
     Args:
         layer_maps: per recorded layer call, ``[B, L, hh, ww]`` attention probabilities.
         targets: per sample, its :func:`grounding_targets` (empty for a dropped caption).
     Returns:
-        scalar; 0 (still attached to the maps) when no sample has a noun.
+        two scalars; both 0 (still attached to the maps) when no sample has a noun.
     """
     per_layer = _noun_layer_maps(layer_maps, targets)
     if per_layer is None:
-        return sum(m.sum() for m in layer_maps) * 0.0
-    losses = []
+        zero = sum(m.sum() for m in layer_maps) * 0.0
+        return zero, zero
+    token, pixel = [], []
     for attn, pooled in per_layer:
         inside = (attn * pooled).flatten(1).sum(1) / attn.flatten(1).sum(1).clamp_min(1e-12)
-        losses.append(((1.0 - inside) ** 2).mean())
-    return torch.stack(losses).mean()
+        token.append(((1.0 - inside) ** 2).mean())
+        a = attn.float().clamp(1e-6, 1.0 - 1e-6)  # a sum of softmax probabilities: within [0, 1]
+        pixel.append(F.binary_cross_entropy(a, pooled.float()))
+    return torch.stack(token).mean(), torch.stack(pixel).mean()
+
+
+def grounding_loss(
+    layer_maps: Sequence[torch.Tensor], targets: Sequence[Sequence[Tuple[List[int], np.ndarray]]]
+) -> torch.Tensor:
+    """TokenCompose's token loss alone (:func:`grounding_losses`' first term)."""
+    return grounding_losses(layer_maps, targets)[0]
 
 
 def grounding_pixel_loss(
     layer_maps: Sequence[torch.Tensor], targets: Sequence[Sequence[Tuple[List[int], np.ndarray]]]
 ) -> torch.Tensor:
-    """TokenCompose's pixel loss (module doc): BCE of each noun's attention probability against
-    its class mask's area share, mean over pixels, nouns and layers (same arguments and empty
-    case as :func:`grounding_loss`)."""
-    per_layer = _noun_layer_maps(layer_maps, targets)
-    if per_layer is None:
-        return sum(m.sum() for m in layer_maps) * 0.0
-    losses = []
-    for attn, pooled in per_layer:
-        a = attn.float().clamp(1e-6, 1.0 - 1e-6)  # a sum of softmax probabilities: within [0, 1]
-        losses.append(F.binary_cross_entropy(a, pooled.float()))
-    return torch.stack(losses).mean()
+    """TokenCompose's pixel loss alone (:func:`grounding_losses`' second term): BCE of each
+    noun's attention probability against its class mask's area share, mean over pixels, nouns
+    and layers."""
+    return grounding_losses(layer_maps, targets)[1]

@@ -130,18 +130,18 @@ class UnetPretrainModel(nn.Module):
             )
         from spade.calibration.attention import capture_cross_attention
 
-        from .grounding import LayerMapStore, grounding_loss, grounding_pixel_loss
+        from .grounding import LayerMapStore, grounding_losses
 
         store = LayerMapStore(latents.shape[-2:]) if grounding else None
         with capture_cross_attention(self.unet, store) if grounding else nullcontext():
             pred = self.unet(noisy, t.to(latents.device), encoder_hidden_states=context).sample
         losses = {"loss_eps": F.mse_loss(pred.float(), noise.float())}
-        if self.grounding_weight > 0:
-            ground = grounding_loss(store.maps, batch["grounding"])
-            losses["loss_ground"] = self.grounding_weight * ground.float()
-        if self.pixel_weight > 0:
-            pixel = grounding_pixel_loss(store.maps, batch["grounding"])
-            losses["loss_ground_pixel"] = self.pixel_weight * pixel.float()
+        if grounding:
+            token, pixel = grounding_losses(store.maps, batch["grounding"])
+            if self.grounding_weight > 0:
+                losses["loss_ground"] = self.grounding_weight * token.float()
+            if self.pixel_weight > 0:
+                losses["loss_ground_pixel"] = self.pixel_weight * pixel.float()
         return losses
 
 
