@@ -84,6 +84,10 @@ def add_pretrain_config(cfg: CN) -> None:
     p.UNET.GROUNDING_PIXEL_WEIGHT = 0.0
     # ^ > 0: adds this times TokenCompose's pixel loss (grounding.py): per pixel, a noun's attention
     #   probability against its class mask (BCE), which also says where the noun's peak belongs
+    p.UNET.GROUNDING_PIXEL_PHRASE = False
+    # ^ True: the pixel loss reads the whole noun phrase ("small red circle": size and colour
+    #   words summed with the noun), so it leaves the split of the attention between the words
+    #   of a phrase free; the token loss always reads the noun alone
     p.UNET.TEACHER_FORM_SHARE = 0.0
     # ^ share of captions drawn in the stage-1 teacher form "[subject] is [predicate] [object]"
     #   (the corpus's "bare" kind; its own mix has 20 %); 0 = the corpus's mix

@@ -24,7 +24,9 @@ cross-entropy between ``a`` (a probability: the softmax runs over the context at
 
     loss_pixel = mean_x BCE(a(x), pool(M)(x))
 
-averaged over nouns and layers. Unlike the token loss it also asks the noun to take the attention
+averaged over nouns and layers (with ``PRETRAIN.UNET.GROUNDING_PIXEL_PHRASE`` the sum runs over
+the whole noun phrase, the colour and size words right before the noun included: see
+:func:`noun_spans`). Unlike the token loss it also asks the noun to take the attention
 *inside* its segment and to leave it everywhere else, so a noun whose attention is spread over its
 segment but peaks on a neighbour (a stuff word on the things standing on it) is told where its
 peak belongs.
@@ -38,10 +40,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from spade.data.synthpsg import PALETTE
+
 from .captions import SHAPE_SYNONYMS, STUFF_SYNONYMS
 
 __all__ = [
     "NOUN_PHRASES",
+    "MODIFIER_WORDS",
     "noun_spans",
     "grounding_targets",
     "LayerMapStore",
@@ -62,10 +67,15 @@ def _noun_table() -> Dict[Tuple[str, ...], str]:
 
 NOUN_PHRASES: Dict[Tuple[str, ...], str] = _noun_table()  # words -> class name
 _LONGEST = max(len(k) for k in NOUN_PHRASES)
+# words a caption puts right before a noun ("a small red circle"): size and colour
+MODIFIER_WORDS = frozenset(("small", "large", *PALETTE))
 
 
 def noun_spans(
-    caption: str, encode: Callable[[str], List[int]], context_length: int = 77
+    caption: str,
+    encode: Callable[[str], List[int]],
+    context_length: int = 77,
+    with_modifiers: bool = False,
 ) -> List[Tuple[str, List[int]]]:
     """(class name, context positions) of every noun phrase of ``caption``, in caption order.
 
@@ -75,6 +85,9 @@ def noun_spans(
         encode: text -> BPE ids without start / end tokens (open_clip's ``tokenizer.encode``).
         context_length: the text tower's context; position 0 is the start token, and a noun whose
             tokens reach the end token's last possible slot (truncated captions) is left out.
+        with_modifiers: the positions also cover the size and colour words
+            (:data:`MODIFIER_WORDS`) right before the noun ("small red" of "a small red circle"),
+            as long as no punctuation separates them from it.
 
     The tokenizer splits text at spaces before its BPE, so the tokens of the first ``k`` words
     are those of the caption's first ``k`` words on their own; positions come from prefix lengths.
@@ -88,7 +101,15 @@ def noun_spans(
             # a phrase cannot run past punctuation that ends one of its inner words
             if name is None or any(w.lower() != b for w, b in zip(words[i : i + n - 1], bare[i:])):
                 continue
-            head = " ".join(words[:i])
+            first = i
+            while (
+                with_modifiers
+                and first > 0
+                and bare[first - 1] in MODIFIER_WORDS
+                and words[first - 1].lower() == bare[first - 1]
+            ):
+                first -= 1
+            head = " ".join(words[:first])
             start = len(encode(head)) if head else 0
             stop = len(encode(" ".join(words[:i] + bare[i : i + n])))
             if stop + 1 <= context_length - 1:  # +1 for the start token; the end token follows
@@ -106,23 +127,29 @@ def grounding_targets(
     names: Sequence[str],
     encode: Callable[[str], List[int]],
     where: str = "",
-) -> List[Tuple[List[int], np.ndarray]]:
-    """(context positions, float [H, W] mask of the noun's class) for each noun of ``caption``.
+    pixel_phrase: bool = False,
+) -> List[Tuple]:
+    """(context positions, float [H, W] mask of the noun's class) for each noun of ``caption``;
+    with ``pixel_phrase`` a third item, the positions of the whole noun phrase (size and colour
+    words included, :func:`noun_spans` ``with_modifiers``), which the pixel loss then sums.
 
     Args:
         masks: bool [S, H, W] segments of the captioned image; ``names`` their S class names.
         where: names the image in errors (a caption naming a class the image lacks is an error,
             never a silently empty target).
     """
+    spans = noun_spans(caption, encode)
+    phrases = noun_spans(caption, encode, with_modifiers=True) if pixel_phrase else spans
     out = []
-    for name, positions in noun_spans(caption, encode):
+    for (name, positions), (_, phrase) in zip(spans, phrases):
         sel = [k for k, n in enumerate(names) if n == name]
         if not sel:
             raise ValueError(
                 f"{where}: caption {caption!r} names {name!r}, which no segment of the image has "
                 f"(segments: {sorted(set(names))})"
             )
-        out.append((positions, masks[sel].any(0).astype(np.float32)))
+        mask = masks[sel].any(0).astype(np.float32)
+        out.append((positions, mask, phrase) if pixel_phrase else (positions, mask))
     return out
 
 
@@ -141,29 +168,35 @@ class LayerMapStore:
 
 
 def _noun_layer_maps(layer_maps, targets):
-    """Per recorded layer, ``(a, pooled)``: each noun's summed attention probabilities
-    ``[E, hh, ww]`` and its class mask's area share per cell ``[E, hh, ww]``; ``None`` when no
-    sample of the batch has a noun."""
+    """Per recorded layer, ``(a, a_pixel, pooled)``: each noun's summed attention probabilities
+    ``[E, hh, ww]`` over its positions and over the positions its pixel loss reads (a target's
+    optional third item, else the same), and its class mask's area share per cell
+    ``[E, hh, ww]``; ``None`` when no sample of the batch has a noun."""
     if not layer_maps:
         raise ValueError("grounding losses need at least one recorded cross-attention layer")
     ref = layer_maps[0]
-    rows = [(b, pos, m) for b, items in enumerate(targets) for pos, m in items]
+    rows = [(b, item) for b, items in enumerate(targets) for item in items]
     if not rows:
         return None
     length = ref.shape[1]
     select = torch.zeros(len(rows), length, dtype=ref.dtype, device=ref.device)
-    for r, (_, pos, _) in enumerate(rows):
-        select[r, pos] = 1.0
-    sample = torch.tensor([b for b, _, _ in rows], device=ref.device)
-    masks = torch.from_numpy(np.stack([m for _, _, m in rows])).to(ref)[:, None]  # [E,1,H,W]
+    select_pixel = torch.zeros_like(select)
+    for r, (_, item) in enumerate(rows):
+        select[r, item[0]] = 1.0
+        select_pixel[r, item[2] if len(item) > 2 else item[0]] = 1.0
+    same = torch.equal(select, select_pixel)
+    sample = torch.tensor([b for b, _ in rows], device=ref.device)
+    masks = torch.from_numpy(np.stack([item[1] for _, item in rows])).to(ref)[:, None]  # [E,1,H,W]
     pooled: Dict[Tuple[int, int], torch.Tensor] = {}
     out = []
     for maps in layer_maps:
         hh, ww = maps.shape[-2:]
         if (hh, ww) not in pooled:
             pooled[(hh, ww)] = F.adaptive_avg_pool2d(masks, (hh, ww))[:, 0]
-        attn = torch.einsum("el,elhw->ehw", select, maps[sample].to(ref.dtype))
-        out.append((attn, pooled[(hh, ww)]))
+        per_noun = maps[sample].to(ref.dtype)
+        attn = torch.einsum("el,elhw->ehw", select, per_noun)
+        attn_pixel = attn if same else torch.einsum("el,elhw->ehw", select_pixel, per_noun)
+        out.append((attn, attn_pixel, pooled[(hh, ww)]))
     return out
 
 
@@ -184,10 +217,12 @@ def grounding_losses(
         zero = sum(m.sum() for m in layer_maps) * 0.0
         return zero, zero
     token, pixel = [], []
-    for attn, pooled in per_layer:
+    for attn, attn_pixel, pooled in per_layer:
         inside = (attn * pooled).flatten(1).sum(1) / attn.flatten(1).sum(1).clamp_min(1e-12)
         token.append(((1.0 - inside) ** 2).mean())
-        a = attn.float().clamp(1e-6, 1.0 - 1e-6)  # a sum of softmax probabilities: within [0, 1]
+        a = attn_pixel.float().clamp(
+            1e-6, 1.0 - 1e-6
+        )  # a sum of softmax probabilities: within [0, 1]
         pixel.append(F.binary_cross_entropy(a, pooled.float()))
     return torch.stack(token).mean(), torch.stack(pixel).mean()
 

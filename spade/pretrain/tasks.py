@@ -218,6 +218,7 @@ class UnetTask:
             num_images=int(cfg.PRETRAIN.UNET.NUM_IMAGES),
             encode=clip.tokenizer.encode if _grounded(cfg) else None,
             teacher_form_share=float(cfg.PRETRAIN.UNET.TEACHER_FORM_SHARE),
+            pixel_phrase=bool(cfg.PRETRAIN.UNET.GROUNDING_PIXEL_PHRASE),
         )
 
     def export(self, cfg, model, info: dict) -> str:

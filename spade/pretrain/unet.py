@@ -200,6 +200,7 @@ def unet_batches(
     num_images: int = 0,
     encode=None,
     teacher_form_share: float = 0.0,
+    pixel_phrase: bool = False,
 ) -> Iterator[Dict]:
     """Endless seeded batches of (scaled latents, caption or "" with prob caption_dropout) from
     the first ``num_images`` corpus images (0 = all). With ``encode`` (the text tower's
@@ -209,6 +210,8 @@ def unet_batches(
     ``teacher_form_share`` > 0: that share of the kept captions is drawn in the stage-1 teacher
     form ("square is left of circle", the corpus's ``bare`` kind) instead of the corpus's own mix
     (which has 20 % of them); 0 keeps the batches of earlier runs bit for bit.
+    ``pixel_phrase``: each grounding target also carries its noun phrase's positions
+    (:func:`~spade.pretrain.grounding.grounding_targets`), which the pixel loss then reads.
     """
     if not 0.0 <= teacher_form_share <= 1.0:
         raise ValueError(
@@ -239,6 +242,8 @@ def unet_batches(
                     continue
                 masks, names = corpus.segments(i)
                 where = f"caption corpus {corpus.root}, image {i}"
-                batch["grounding"].append(grounding_targets(caption, masks, names, encode, where))
+                batch["grounding"].append(
+                    grounding_targets(caption, masks, names, encode, where, pixel_phrase)
+                )
         yield batch
         step += 1

@@ -54,6 +54,26 @@ def test_nouns_past_the_context_are_left_out():
     assert noun_spans(caption, ENCODE) == [("circle", [75])]
 
 
+def test_noun_phrase_positions_take_the_size_and_colour_words_by_hand():
+    # a(1) small(2) red(3) circle(4) is(5) left(6) of(7) a(8) blue(9) box(10)
+    caption = "a small red circle is left of a blue box"
+    assert noun_spans(caption, ENCODE, with_modifiers=True) == [
+        ("circle", [2, 3, 4]),
+        ("square", [9, 10]),
+    ]
+    assert noun_spans(caption, ENCODE) == [("circle", [4]), ("square", [10])]
+    # punctuation ends a phrase: "red," does not modify the circle; stuff nouns have none
+    assert noun_spans("a red, circle", ENCODE, with_modifiers=True) == [("circle", [4])]
+    assert noun_spans("the wall above floor", ENCODE, with_modifiers=True) == [
+        ("wall", [2]),
+        ("floor", [4]),
+    ]
+    # a multi-token synonym keeps all its tokens after its modifiers
+    assert noun_spans("a large five-pointed star", ENCODE, with_modifiers=True) == [
+        ("star", [2, 3, 4, 5, 6])
+    ]
+
+
 def test_every_synonym_maps_to_its_class():
     assert NOUN_PHRASES[("plus", "sign")] == "cross"
     assert NOUN_PHRASES[("lawn",)] == "grass"
@@ -72,6 +92,33 @@ def test_targets_are_class_unions_and_a_missing_class_is_an_error():
     assert m2.sum() == 4
     with pytest.raises(ValueError, match="image 7.*'ring'"):
         grounding_targets("a ring", masks, names, ENCODE, where="image 7")
+    # pixel_phrase adds the phrase's positions: a(1) red(2) circle(3) ... a(7) star(8)
+    caption = "a red circle is left of a star"
+    (pos, m, phrase), (pos2, _, phrase2) = grounding_targets(
+        caption, masks, names, ENCODE, pixel_phrase=True
+    )
+    assert (pos, phrase, pos2, phrase2) == ([3], [2, 3], [8], [8])
+    assert m.sum() == 2
+
+
+def test_pixel_loss_reads_the_phrase_and_the_token_loss_the_noun():
+    # 3 positions on a 2 x 2 layer: 1 is a colour word, 2 the noun; the segment is the top row
+    maps = torch.zeros(1, 4, 2, 2)
+    maps[0, 1] = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
+    maps[0, 2] = torch.tensor([[0.25, 0.25], [0.25, 0.25]])
+    mask = np.zeros((2, 2), np.float32)
+    mask[0] = 1
+    noun_only = [[([2], mask)]]
+    phrase = [[([2], mask, [1, 2])]]
+    # the noun alone: 0.25 everywhere -> BCE -log(0.25) on the top row, -log(0.75) below
+    alone = (2 * -math.log(0.25) + 2 * -math.log(0.75)) / 4
+    assert grounding_pixel_loss([maps], noun_only).item() == pytest.approx(alone, rel=1e-5)
+    # the phrase: 0.75 on the top row, 0.25 below
+    summed = (2 * -math.log(0.75) + 2 * -math.log(0.75)) / 4
+    assert grounding_pixel_loss([maps], phrase).item() == pytest.approx(summed, rel=1e-5)
+    # the token loss reads the noun in both: inside share 0.5 -> 0.25
+    assert grounding_loss([maps], phrase).item() == pytest.approx(0.25)
+    assert grounding_loss([maps], noun_only).item() == pytest.approx(0.25)
 
 
 def test_token_loss_by_hand():
@@ -194,8 +241,9 @@ def test_unet_pretraining_with_grounding(stage0_root, tmp_path):
     # BCE of a probability against a share: positive; below 0.05 x -log(1e-6) by the clamp
     pixels = [r["loss_ground_pixel"] for r in rows if "loss_ground_pixel" in r]
     assert pixels and all(0 < p < 0.05 * 14 for p in pixels)
-    # the pixel loss alone still asks the batches for grounding targets
+    # the pixel loss alone (on noun phrases) still asks the batches for grounding targets
     only = ["PRETRAIN.UNET.GROUNDING_WEIGHT", "0.0", "OUTPUT_DIR", str(tmp_path / "pixel_only")]
+    only += ["PRETRAIN.UNET.GROUNDING_PIXEL_PHRASE", "True"]
     cfg, args = tiny_cfg(config, stage0_root, "unet", max_iter=2, extra=extra + pixel + only)
     run_pretraining(cfg, args)
     rows = [json.loads(line) for line in open(tmp_path / "pixel_only" / "metrics.json")]
@@ -261,3 +309,28 @@ def test_teacher_form_share_draws_stage1_captions(tmp_path):
     assert in_form >= 10
     with pytest.raises(ValueError, match="PRETRAIN.UNET.TEACHER_FORM_SHARE"):
         first(1.5, steps=1)
+
+
+def test_batches_carry_phrase_positions_with_pixel_phrase(tmp_path):
+    """PRETRAIN.UNET.GROUNDING_PIXEL_PHRASE: every target of a batch has its noun phrase's
+    positions, which end with the noun's own and start at most two words (size, colour) before."""
+    from spade.pretrain.corpus import Corpus, CorpusSpec, build_corpus
+    from spade.pretrain.unet import unet_batches
+
+    root = str(tmp_path / "corpus")
+    build_corpus(root, CorpusSpec(seed=0, num_images=16, image_size=64, shard_size=16))
+    corpus = Corpus(root)
+    plain = next(unet_batches(corpus, _ZeroLatents(), 16, 0.0, seed=1, encode=ENCODE))
+    phrase = next(
+        unet_batches(corpus, _ZeroLatents(), 16, 0.0, seed=1, encode=ENCODE, pixel_phrase=True)
+    )
+    assert plain["captions"] == phrase["captions"]
+    longer = 0
+    for items, items_p in zip(plain["grounding"], phrase["grounding"]):
+        assert len(items) == len(items_p)
+        for (pos, mask), (pos_p, mask_p, span) in zip(items, items_p):
+            assert pos_p == pos and np.array_equal(mask, mask_p)
+            assert span[-len(pos) :] == pos and len(span) - len(pos) <= 2
+            assert span == list(range(span[0], span[-1] + 1))
+            longer += len(span) > len(pos)
+    assert longer > 0  # the corpus names things with their colour
