@@ -27,9 +27,10 @@ demo: install
 	$(PY) tools/run_demo.py --output $(DEMO_OUT) $(DEMO_ARGS)
 
 # Stage 0: reproduce every shipped foundation model (models/, see MODEL_ZOO.md) from scratch.
-# On a CPU, CLIP and VAE train side by side (one core each), then the UNet on them and its token
+# On a CPU, CLIP and VAE train side by side (one core each), then the VAE's decoder fine-tune on
+# both cores once CLIP is done, then the UNet on them and its token
 # grounding continuations (unet_tiny_grounded.yaml, unet_tiny_grounded2.yaml,
-# unet_tiny_grounded3.yaml, then unet_tiny_grounded4.yaml); each run resumes where an interrupted
+# unet_tiny_grounded3.yaml, unet_tiny_grounded4.yaml, then unet_tiny_grounded5.yaml); each run resumes where an interrupted
 # one stopped (--resume). With a GPU, tools/pretrain_gpu.sh runs the configs under
 # configs/pretrain/gpu/, each fitted into its PRETRAIN.MAX_WALL_SECONDS.
 PRETRAIN_ARGS ?= --resume
@@ -41,14 +42,16 @@ pretrain: install
 		$(PRETRAIN_ARGS) && OMP_NUM_THREADS=1 $(PRETRAIN_NET) \
 		--config-file configs/pretrain/clip_tiny_region.yaml $(PRETRAIN_ARGS); } \
 		> output/pretrain-clip.log 2>&1 & clip=$$!; \
-	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_ARGS) && \
-	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny_decoder.yaml \
-		$(PRETRAIN_ARGS); vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
-	test $$vae -eq 0 && $(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS) && \
+	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_ARGS); \
+	vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
+	test $$vae -eq 0 && $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny_decoder.yaml \
+		$(PRETRAIN_ARGS) && \
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS) && \
 	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded.yaml $(PRETRAIN_ARGS) && \
 	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded2.yaml $(PRETRAIN_ARGS) && \
 	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded3.yaml $(PRETRAIN_ARGS) && \
-	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded4.yaml $(PRETRAIN_ARGS)
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded4.yaml $(PRETRAIN_ARGS) && \
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded5.yaml $(PRETRAIN_ARGS)
 
 # The paper's ablations in miniature (docs/ABLATIONS.md): cached runs, so a second call only prints
 # the table; ABLATION_ARGS=--quick for a smoke test, --only TABLE to run some tables.

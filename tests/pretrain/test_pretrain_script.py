@@ -51,12 +51,15 @@ def test_gpu_script_runs_every_stage_on_a_miniature(tmp_path):
     assert vae["iterations"] == 2 and "TRAIN_ENCODER: false" in vae["config"]  # the fine-tune
     assert (runs / "vae_decoder" / "model_final.safetensors").is_file()
     unet = read_manifest(str(models / "synthpsg-tiny-sd" / "unet"))
-    # the UNet folder holds the fourth token grounding continuation (the pixel loss, from the
-    # third continuation's last checkpoint, itself from the second's, ..., itself from the run's)
-    assert unet["iterations"] == 2 and "GROUNDING_PIXEL_WEIGHT: 0.05" in unet["config"]
+    # the UNet folder holds the fifth token grounding continuation (the pixel loss at 10x over
+    # noun phrases, from the fourth continuation's last checkpoint, itself from the third's, ...,
+    # itself from the run's)
+    assert unet["iterations"] == 2 and "GROUNDING_PIXEL_WEIGHT: 0.5" in unet["config"]
+    assert "GROUNDING_PIXEL_PHRASE: true" in unet["config"]
     assert "TEACHER_FORM_SHARE: 0.5" in unet["config"]
-    assert "WEIGHTS: " + str(runs / "unet_grounded3" / "model_final.safetensors") in unet["config"]
+    assert "WEIGHTS: " + str(runs / "unet_grounded4" / "model_final.safetensors") in unet["config"]
     chain = ("unet", "unet_grounded", "unet_grounded2", "unet_grounded3", "unet_grounded4")
+    chain += ("unet_grounded5",)
     for run in chain:
         assert (runs / run / "model_final.safetensors").is_file(), run
     assert {f"{run}.log" for run in chain} <= set(os.listdir(logs))

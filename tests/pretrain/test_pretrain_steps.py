@@ -65,6 +65,7 @@ def test_continuation_configs_start_from_the_run_they_continue():
         "unet_tiny_grounded2.yaml": "unet_tiny_grounded.yaml",
         "unet_tiny_grounded3.yaml": "unet_tiny_grounded2.yaml",
         "unet_tiny_grounded4.yaml": "unet_tiny_grounded3.yaml",
+        "unet_tiny_grounded5.yaml": "unet_tiny_grounded4.yaml",
     }
     outputs = set()
     for name, before in chain.items():
@@ -76,7 +77,8 @@ def test_continuation_configs_start_from_the_run_they_continue():
     makefile = open(os.path.join(ROOT, "Makefile")).read()
     positions = [makefile.index(f"configs/pretrain/{n}") for n in ("unet_tiny.yaml",
                  "unet_tiny_grounded.yaml", "unet_tiny_grounded2.yaml",
-                 "unet_tiny_grounded3.yaml", "unet_tiny_grounded4.yaml")]  # fmt: skip
+                 "unet_tiny_grounded3.yaml", "unet_tiny_grounded4.yaml",
+                 "unet_tiny_grounded5.yaml")]  # fmt: skip
     assert positions == sorted(positions)  # `make pretrain` runs them in this order
 
 
