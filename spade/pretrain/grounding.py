@@ -220,9 +220,8 @@ def grounding_losses(
     for attn, attn_pixel, pooled in per_layer:
         inside = (attn * pooled).flatten(1).sum(1) / attn.flatten(1).sum(1).clamp_min(1e-12)
         token.append(((1.0 - inside) ** 2).mean())
-        a = attn_pixel.float().clamp(
-            1e-6, 1.0 - 1e-6
-        )  # a sum of softmax probabilities: within [0, 1]
+        # a sum of softmax probabilities: within [0, 1]
+        a = attn_pixel.float().clamp(1e-6, 1.0 - 1e-6)
         pixel.append(F.binary_cross_entropy(a, pooled.float()))
     return torch.stack(token).mean(), torch.stack(pixel).mean()
 
