@@ -26,6 +26,7 @@ BENCHMARKS = {
     "relation_head": ("bench_relation_head.py", [], ["--queries", "25", "50", "100"]),
     "backbone": ("bench_backbone.py", [], ["--presets", "tiny"]),
     "teacher": ("bench_teacher.py", [], ["--models", "tiny"]),
+    "pretrain": ("bench_pretrain.py", [], ["--configs", "vae_tiny", "clip_tiny", "--iters", "30"]),
 }
 TITLES = {
     "inference": "Whole-model inference per image (panoptic + scene graph), batch 1",
@@ -33,6 +34,7 @@ TITLES = {
     "relation_head": "Relation head scaling with the number of object queries Q",
     "backbone": "Diffusion backbone forward (512x512)",
     "teacher": "Stage-1 teacher-map throughput",
+    "pretrain": "Stage-0 pretraining, seconds per iteration: fp32 vs mixed precision",
 }
 
 

@@ -8,6 +8,7 @@ from .trainer import (
     SkipNonFiniteStep,
     SPADETrainer,
     build_train_loop,
+    contiguous_group_norm_inputs,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "SkipNonFiniteStep",
     "SPADETrainer",
     "build_train_loop",
+    "contiguous_group_norm_inputs",
 ]

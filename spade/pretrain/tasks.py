@@ -69,8 +69,17 @@ def training_info(cfg, trainer) -> dict:
         "wall_time_s": round(trainer.wall_clock.seconds, 1),
         "device": str(cfg.MODEL.DEVICE),
         "torch_threads": torch.get_num_threads(),
+        "precision": _precision(cfg),
         "code_commit": trainer.code_commit,
     }
+
+
+def _precision(cfg) -> str:
+    """How the forward ran: fp32, or mixed precision (SOLVER.AMP.ENABLED: fp16 autocast with a
+    grad scaler on CUDA, detectron2's AMPTrainer; bf16 autocast on the CPU)."""
+    if not cfg.SOLVER.AMP.ENABLED:
+        return "fp32"
+    return "fp16 autocast" if str(cfg.MODEL.DEVICE).startswith("cuda") else "bf16 autocast"
 
 
 def region_grid(cfg) -> int:

@@ -15,6 +15,7 @@ from spade.engine import (
     SafetensorsCheckpointer,
     build_spade_optimizer,
     build_train_loop,
+    contiguous_group_norm_inputs,
     trainable_state_dict,
 )
 
@@ -184,3 +185,53 @@ def test_diffusion_backbone_checkpoints_leave_out_frozen_pretrained_parts():
     assert sorted(frozen_state_prefixes(backbone)) == ["implicit_text.", "unet.", "vae."]
     saved = trainable_state_dict(backbone)
     assert saved and all(k.startswith("projections.") for k in saved), sorted(saved)[:5]
+
+
+def test_group_norm_inputs_made_contiguous_without_changing_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU())
+    seen = []
+    model[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    h = model[0](x).to(memory_format=torch.channels_last)
+    assert not h.is_contiguous()
+    reference = model[1](h)
+    assert seen == [False]
+    assert contiguous_group_norm_inputs(model) == 1
+    seen.clear()
+    out = model[1](h)
+    # the hook registered first still sees the caller's tensor; the module sees a contiguous one
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-5)  # summation order only
+    captured = []
+    model[1].register_forward_pre_hook(lambda m, a: captured.append(a[0].is_contiguous()))
+    model[1](h)
+    assert captured == [True]
+
+
+def test_cpu_autocast_guard_runs_the_forward_in_bf16_and_fixes_group_norm_layout():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8))
+    dtypes, flash = [], []
+    model[0].register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+
+    class Losses(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            flash.append(torch.backends.cuda.flash_sdp_enabled())  # the global SDPA choice
+            return {"loss": self.inner(x).float().square().mean()}
+
+    guard = LossGuard(Losses(model), autocast_dtype=torch.bfloat16)
+    assert len(model[1]._forward_pre_hooks) == 1
+    guard.train()
+    losses = guard(torch.randn(2, 3, 6, 6))
+    assert dtypes == [torch.bfloat16] and losses["loss"].dtype == torch.float32
+    assert flash == [False]  # attention on the math kernel inside the guard only
+    losses["loss"].backward()
+    assert model[0].weight.grad.dtype == torch.float32  # master weights stay fp32
+    plain = LossGuard(Losses(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4))))
+    plain.train()
+    plain(torch.randn(1, 3, 2, 2))
+    assert flash == [False, True] and torch.backends.cuda.flash_sdp_enabled()
+    assert len(plain.model.inner[1]._forward_pre_hooks) == 0  # no autocast: no hooks

@@ -173,6 +173,46 @@ def test_resume_continues_from_the_last_checkpoint(trained):
     assert [row["iteration"] for row in log if "total_loss" in row][-1] == 2
 
 
+def test_amp_on_the_cpu_trains_in_bf16_resumes_and_keeps_fp32_checkpoints(trained, tmp_path):
+    from detectron2.engine import SimpleTrainer
+    from safetensors import safe_open
+
+    from spade.engine import LossGuard
+    from spade.pretrain.engine import PretrainTrainer
+    from spade.pretrain.tasks import training_info
+
+    def trainer_for(max_iter):
+        extra = ["SOLVER.AMP.ENABLED", "True", "OUTPUT_DIR", str(tmp_path / "out")]
+        cfg, _ = tiny_cfg(CFG["vae"], trained, "vae", max_iter=max_iter, extra=extra)
+        return cfg, PretrainTrainer(cfg)
+
+    cfg, trainer = trainer_for(2)
+    assert type(trainer._trainer) is SimpleTrainer  # detectron2's AMPTrainer needs CUDA
+    assert isinstance(trainer.model, LossGuard) and trainer.model.autocast_dtype == torch.bfloat16
+    vae = trainer.unwrapped_model()
+    dtypes = []
+    vae.vae.encoder.conv_in.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert dtypes == [torch.bfloat16, torch.bfloat16] and trainer.iter == 2
+    assert training_info(cfg, trainer)["precision"] == "bf16 autocast"
+
+    def weights(path):
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k).dtype for k in f.keys()}
+
+    ours, fp32_run = (
+        weights(tmp_path / "out" / "model_final.safetensors"),
+        weights(trained / "out_vae" / "model_final.safetensors"),
+    )
+    assert ours == fp32_run and set(ours.values()) == {torch.float32}
+    _, resumed = trainer_for(3)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    resumed.train()
+    assert resumed.iter == 3
+
+
 def test_clip_name_mismatch_is_an_error(trained):
     with pytest.raises(ValueError, match="MODEL.SPADE.CLIP.MODEL_NAME='Other'.*records"):
         build_clip(_spade_cfg(trained, clip_name="Other"))

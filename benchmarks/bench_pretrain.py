@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Seconds per iteration of every stage-0 pretraining config, fp32 against mixed precision.
+
+Each config runs the way ``make pretrain`` runs it (``projects/SPADE/pretrain_net.py`` in a
+subprocess with the thread count ``make pretrain`` gives it), for ``--iters`` iterations into a
+temporary folder (continuations start from random weights: ``MODEL.WEIGHTS ""``; the speed does
+not depend on the values), once with ``SOLVER.AMP.ENABLED False`` and once ``True`` (bf16
+autocast on the CPU, fp16 with a grad scaler on CUDA). The speed is detectron2's own ``time``
+(the median over the last 20 iterations of ``metrics.json``, so the first iterations, which
+build caches, do not count). ``projected_min`` multiplies it by the config's ``SOLVER.MAX_ITER``.
+
+Threads: CLIP, its region fine-tune and the VAE run on one core each in ``make pretrain`` (CLIP's
+chain beside the VAE), so they are measured on one thread here, but alone: beside each other
+they run slower (memory bandwidth); the decoder fine-tune and the UNet runs take both cores.
+
+    python benchmarks/bench_pretrain.py --out bench_pretrain.json
+    python benchmarks/bench_pretrain.py --configs vae_tiny unet_tiny --iters 40
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+# config -> threads make pretrain gives it
+CONFIGS = {
+    "clip_tiny": 1,
+    "clip_tiny_region": 1,
+    "vae_tiny": 1,
+    "vae_tiny_decoder": 2,
+    "unet_tiny": 2,
+    "unet_tiny_grounded": 2,
+    "unet_tiny_grounded2": 2,
+    "unet_tiny_grounded3": 2,
+    "unet_tiny_grounded4": 2,
+    "unet_tiny_grounded5": 2,
+}
+
+
+def max_iter(name: str) -> int:
+    from detectron2.config import get_cfg
+
+    from spade.pretrain import add_pretrain_config
+
+    cfg = get_cfg()
+    add_pretrain_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "pretrain", f"{name}.yaml"))
+    return int(cfg.SOLVER.MAX_ITER)
+
+
+def seconds_per_iteration(name: str, amp: bool, iters: int, threads: int, work: str) -> float:
+    out = os.path.join(work, f"{name}_{'amp' if amp else 'fp32'}")
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "projects", "SPADE", "pretrain_net.py"),
+        "--config-file", os.path.join(ROOT, "configs", "pretrain", f"{name}.yaml"),
+        "--skip-gates",
+        "SOLVER.AMP.ENABLED", str(amp),
+        "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.CHECKPOINT_PERIOD", str(10 * iters),
+        "MODEL.WEIGHTS", "",
+        "OUTPUT_DIR", out,
+        "PRETRAIN.EXPORT_DIR", os.path.join(out, "export"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log = os.path.join(work, f"{os.path.basename(out)}.log")
+    with open(log, "w") as f:
+        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise RuntimeError(f"{name} (AMP {amp}) failed with exit {rc}; see {log}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+    times = [r["time"] for r in rows if "time" in r]
+    if not times:
+        raise RuntimeError(f"{name}: {out}/metrics.json has no 'time' row; raise --iters")
+    return float(times[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--iters", type=int, default=40, help="iterations per run (>= 21)")
+    p.add_argument("--out", default="")
+    a = p.parse_args(argv)
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as work:
+        for name in a.configs:
+            threads, n = CONFIGS[name], max_iter(name)
+            fp32 = seconds_per_iteration(name, False, a.iters, threads, work)
+            amp = seconds_per_iteration(name, True, a.iters, threads, work)
+            rows.append(
+                {
+                    "config": name,
+                    "threads": threads,
+                    "max_iter": n,
+                    "fp32_s_per_it": round(fp32, 3),
+                    "amp_s_per_it": round(amp, 3),
+                    "speedup": round(fp32 / amp, 2),
+                    "fp32_projected_min": round(fp32 * n / 60, 1),
+                    "amp_projected_min": round(amp * n / 60, 1),
+                }
+            )
+            r = rows[-1]
+            print(
+                f"{name:22} {threads} thr {n:5d} it  fp32 {fp32:6.3f} s/it "
+                f"({r['fp32_projected_min']:6.1f} min)  amp {amp:6.3f} s/it "
+                f"({r['amp_projected_min']:6.1f} min)  x{r['speedup']:.2f}",
+                flush=True,
+            )
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    info = {
+        "torch": torch.__version__,
+        "device": device,
+        "amp": "fp16 autocast + grad scaler" if device != "cpu" else "bf16 autocast",
+        "cpu": platform.processor() or platform.machine(),
+        "iterations_per_run": a.iters,
+        "rows": rows,
+    }
+    if a.out:
+        from spade.utils.io import atomic_write_json
+
+        atomic_write_json(a.out, info, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
