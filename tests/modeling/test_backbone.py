@@ -262,7 +262,9 @@ def test_feature_cache_reuses_features_of_seen_images(make_cfg):
         with torch.no_grad():
             want, got = plain(batch), cached(batch)
         # equal up to float rounding (a batch of other images computes slightly differently)
-        return all(torch.allclose(want[k], got[k], atol=1e-4, rtol=1e-4) for k in want)
+        # (on a Xeon with AMX, 2026-12-02: up to 8.5e-4 on features up to 4.4; different images
+        # differ by O(1))
+        return all(torch.allclose(want[k], got[k], atol=2e-3, rtol=1e-3) for k in want)
 
     assert same(torch.cat([a, b, a]))  # a twice in one batch: one UNet pass of 2 images
     assert calls == [2] and (cached.feature_cache_misses, cached.feature_cache_hits) == (2, 1)
