@@ -33,8 +33,8 @@ demo: install
 # unet_tiny_grounded3.yaml, unet_tiny_grounded4.yaml, then unet_tiny_grounded5.yaml); each run resumes where an interrupted
 # one stopped (--resume). With a GPU, tools/pretrain_gpu.sh runs the configs under
 # configs/pretrain/gpu/, each fitted into its PRETRAIN.MAX_WALL_SECONDS. On the CPU every run
-# trains under bf16 autocast (PRETRAIN_CPU_OPTS; a third to a half faster on CPUs with AMX or
-# AVX-512-BF16, benchmarks/bench_pretrain.py); PRETRAIN_CPU_OPTS= trains in fp32.
+# trains under bf16 autocast (PRETRAIN_CPU_OPTS; 1.3-2.5x faster per iteration on CPUs with AMX
+# or AVX-512-BF16, benchmarks/bench_pretrain.py); PRETRAIN_CPU_OPTS= trains in fp32.
 PRETRAIN_ARGS ?= --resume
 PRETRAIN_CPU_OPTS ?= SOLVER.AMP.ENABLED True
 PRETRAIN_NET := $(PY) projects/SPADE/pretrain_net.py

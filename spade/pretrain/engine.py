@@ -6,10 +6,10 @@ is AdamW over the trainable parameters, checkpoints are SPADE's safetensors ones
 :class:`WallClock` hook adds up training time across resumed runs (it goes into the manifest).
 With ``SOLVER.AMP.ENABLED`` on a CUDA model detectron2's AMPTrainer runs; on the CPU (where
 AMPTrainer refuses to run) the forward runs under bf16 autocast instead, as in SPADE's own stages
-(:class:`spade.engine.LossGuard`), which on CPUs with AMX / AVX-512-BF16 cuts the time of an
-iteration by a third to a half (``benchmarks/bench_pretrain.py``). Everything else — LR
-schedule, ETA printing, metrics.json / TensorBoard, periodic checkpoints, ``--resume`` — is
-detectron2's.
+(:class:`spade.engine.LossGuard`); on CPUs with AMX / AVX-512-BF16 that made the stage-0 runs
+1.3-2.5x faster, the CLIP region fine-tune 1.05x (``benchmarks/bench_pretrain.py``). Everything
+else — LR schedule, ETA printing, metrics.json / TensorBoard, periodic checkpoints,
+``--resume`` — is detectron2's.
 
 A task is an object with ``build_model(cfg) -> nn.Module`` (``forward(batch)`` returns a loss
 dict in training), ``batches(cfg, model) -> iterator of batches`` and
