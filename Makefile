@@ -38,22 +38,28 @@ demo: install
 PRETRAIN_ARGS ?= --resume
 PRETRAIN_CPU_OPTS ?= SOLVER.AMP.ENABLED True
 PRETRAIN_NET := $(PY) projects/SPADE/pretrain_net.py
+# Gates are measured on each model's final export only (clip_tiny_region, vae_tiny_decoder,
+# unet_tiny_grounded5): a run that a later run of the chain continues exports into the same folder,
+# and the later export replaces it and its gates. PRETRAIN_GATES=all measures them after every
+# run too; `pretrain_net.py --config-file CFG --eval-only` measures an export's gates at any time.
+PRETRAIN_GATES ?= final
+PRETRAIN_MID := $(if $(filter all,$(PRETRAIN_GATES)),,--skip-gates) $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS)
 pretrain: install
 	@if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		PY=$(PY) bash tools/pretrain_gpu.sh output/pretrain_gpu; exit $$?; fi; \
 	mkdir -p output; { OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/clip_tiny.yaml \
-		$(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS) && OMP_NUM_THREADS=1 $(PRETRAIN_NET) \
+		$(PRETRAIN_MID) && OMP_NUM_THREADS=1 $(PRETRAIN_NET) \
 		--config-file configs/pretrain/clip_tiny_region.yaml $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS); } \
 		> output/pretrain-clip.log 2>&1 & clip=$$!; \
-	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS); \
+	OMP_NUM_THREADS=1 $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny.yaml $(PRETRAIN_MID); \
 	vae=$$?; wait $$clip || { echo "CLIP pretraining failed: see output/pretrain-clip.log"; exit 1; }; \
 	test $$vae -eq 0 && $(PRETRAIN_NET) --config-file configs/pretrain/vae_tiny_decoder.yaml \
 		$(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS) && \
-	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS) && \
-	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded.yaml $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS) && \
-	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded2.yaml $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS) && \
-	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded3.yaml $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS) && \
-	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded4.yaml $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS) && \
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny.yaml $(PRETRAIN_MID) && \
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded.yaml $(PRETRAIN_MID) && \
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded2.yaml $(PRETRAIN_MID) && \
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded3.yaml $(PRETRAIN_MID) && \
+	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded4.yaml $(PRETRAIN_MID) && \
 	$(PRETRAIN_NET) --config-file configs/pretrain/unet_tiny_grounded5.yaml $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS)
 
 # The paper's ablations in miniature (docs/ABLATIONS.md): cached runs, so a second call only prints

@@ -13,8 +13,16 @@ Threads: CLIP, its region fine-tune and the VAE run on one core each in ``make p
 chain beside the VAE), so they are measured on one thread here, but alone: beside each other
 they run slower (memory bandwidth); the decoder fine-tune and the UNet runs take both cores.
 
+The UNet configs read their ``PRETRAIN.UNET.LATENT_CACHE`` (the chain's one cache of VAE
+latents) as ``make pretrain`` does: in the chain ``unet_tiny`` builds it over its first epoch and
+the continuations find it complete, so measure the continuations after a ``unet_tiny`` run (or
+any run that filled the cache) to get their speed in the chain; the table says how full the cache
+was. The speed-up of bf16 depends on the CPU's bf16 units (AMX, AVX-512-BF16), which the table's
+header names with the CPU model: these machines differ from session to session.
+
     python benchmarks/bench_pretrain.py --out bench_pretrain.json
     python benchmarks/bench_pretrain.py --configs vae_tiny unet_tiny --iters 40
+    python benchmarks/bench_pretrain.py --precision amp --configs unet_tiny_grounded2 --iters 40
 """
 
 import argparse
@@ -55,6 +63,42 @@ def max_iter(name: str) -> int:
     return int(cfg.SOLVER.MAX_ITER)
 
 
+def cpu_description() -> str:
+    """The CPU's model name and its bf16 matrix units, from /proc/cpuinfo where there is one."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    units = [u for u in ("amx_bf16", "avx512_bf16") if u in flags]
+    return f"{model} ({', '.join(units) if units else 'no bf16 units listed'})"
+
+
+def latent_cache_fill(name: str) -> str:
+    """How full the config's UNet latent cache is now ("" for configs without one)."""
+    import numpy as np
+    from detectron2.config import get_cfg
+
+    from spade.pretrain import add_pretrain_config
+
+    cfg = get_cfg()
+    add_pretrain_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "pretrain", f"{name}.yaml"))
+    if cfg.PRETRAIN.TASK != "unet" or not cfg.PRETRAIN.UNET.LATENT_CACHE:
+        return ""
+    done = os.path.join(ROOT, f"{cfg.PRETRAIN.UNET.LATENT_CACHE}.done")
+    if not os.path.isfile(done):
+        return "empty"
+    flags = np.load(done, mmap_mode="r")
+    return f"{100.0 * float(flags.mean()):.0f} %"
+
+
 def seconds_per_iteration(name: str, amp: bool, iters: int, threads: int, work: str) -> float:
     out = os.path.join(work, f"{name}_{'amp' if amp else 'fp32'}")
     cmd = [
@@ -86,41 +130,47 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     p.add_argument("--iters", type=int, default=40, help="iterations per run (>= 21)")
+    p.add_argument(
+        "--precision",
+        choices=("both", "fp32", "amp"),
+        default="both",
+        help="measure fp32, mixed precision (SOLVER.AMP.ENABLED True) or both",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     import torch
 
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    cpu = cpu_description()
+    print(f"{device}; CPU {cpu}; torch {torch.__version__}; {a.iters} iterations per run")
+    kinds = {"both": (False, True), "fp32": (False,), "amp": (True,)}[a.precision]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as work:
         for name in a.configs:
             threads, n = CONFIGS[name], max_iter(name)
-            fp32 = seconds_per_iteration(name, False, a.iters, threads, work)
-            amp = seconds_per_iteration(name, True, a.iters, threads, work)
-            rows.append(
-                {
-                    "config": name,
-                    "threads": threads,
-                    "max_iter": n,
-                    "fp32_s_per_it": round(fp32, 3),
-                    "amp_s_per_it": round(amp, 3),
-                    "speedup": round(fp32 / amp, 2),
-                    "fp32_projected_min": round(fp32 * n / 60, 1),
-                    "amp_projected_min": round(amp * n / 60, 1),
-                }
-            )
-            r = rows[-1]
-            print(
-                f"{name:22} {threads} thr {n:5d} it  fp32 {fp32:6.3f} s/it "
-                f"({r['fp32_projected_min']:6.1f} min)  amp {amp:6.3f} s/it "
-                f"({r['amp_projected_min']:6.1f} min)  x{r['speedup']:.2f}",
-                flush=True,
-            )
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+            r = {"config": name, "threads": threads, "max_iter": n}
+            cache = latent_cache_fill(name)
+            if cache:
+                r["latent_cache_at_start"] = cache
+            line = f"{name:22} {threads} thr {n:5d} it"
+            for amp in kinds:
+                key = "amp" if amp else "fp32"
+                sec = seconds_per_iteration(name, amp, a.iters, threads, work)
+                r[f"{key}_s_per_it"] = round(sec, 3)
+                r[f"{key}_projected_min"] = round(sec * n / 60, 1)
+                line += f"  {key} {sec:6.3f} s/it ({r[f'{key}_projected_min']:6.1f} min)"
+            if len(kinds) == 2:
+                r["speedup"] = round(r["fp32_s_per_it"] / r["amp_s_per_it"], 2)
+                line += f"  x{r['speedup']:.2f}"
+            if cache:
+                line += f"  (latent cache {cache} full at start)"
+            rows.append(r)
+            print(line, flush=True)
     info = {
         "torch": torch.__version__,
         "device": device,
         "amp": "fp16 autocast + grad scaler" if device != "cpu" else "bf16 autocast",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu,
         "iterations_per_run": a.iters,
         "rows": rows,
     }

@@ -82,6 +82,14 @@ def test_continuation_configs_start_from_the_run_they_continue():
                  "unet_tiny_grounded3.yaml", "unet_tiny_grounded4.yaml",
                  "unet_tiny_grounded5.yaml")]  # fmt: skip
     assert positions == sorted(positions)  # `make pretrain` runs them in this order
+    # gates only on each model's final export: the runs a later run continues skip theirs
+    recipe = makefile[makefile.index("\npretrain:") :].split("\n\n")[0]
+    runs = {part.split()[0]: part for part in recipe.split("--config-file configs/pretrain/")[1:]}
+    for name, before in chain.items():
+        assert "$(PRETRAIN_MID)" in runs[before], before
+    for last in ("clip_tiny_region.yaml", "vae_tiny_decoder.yaml", "unet_tiny_grounded5.yaml"):
+        assert "$(PRETRAIN_MID)" not in runs[last] and "$(PRETRAIN_ARGS)" in runs[last], last
+    assert "PRETRAIN_MID := $(if $(filter all,$(PRETRAIN_GATES)),,--skip-gates)" in makefile
 
 
 def test_exports_have_the_real_formats_and_manifests(trained):
