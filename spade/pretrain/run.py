@@ -16,6 +16,7 @@ import torch
 from detectron2.config import CfgNode, get_cfg
 from detectron2.engine import default_setup
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from spade.utils.manifest import read_manifest, write_manifest
 
@@ -43,6 +44,9 @@ def setup_pretrain_cfg(args, *, do_default_setup: bool = True) -> CfgNode:
     cfg.freeze()
     if do_default_setup:
         default_setup(cfg, args)
+        # SPADE's own loggers (spade.*: export, gates, loss guard) to the console and
+        # OUTPUT_DIR/log.txt as well, as spade.engine.default_setup does for stages 1 and 2
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="spade")
     return cfg
 
 

@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 from detectron2.config import get_cfg
-from pretrain_helpers import tiny_cfg
+from pretrain_helpers import make_args, tiny_cfg
 
 from spade.config import add_spade_config
 from spade.modeling.backbone.loading import build_clip, build_diffusion_parts, encode_text_tokens
-from spade.pretrain import add_pretrain_config, run_pretraining
+from spade.pretrain import add_pretrain_config, run_pretraining, setup_pretrain_cfg
 from spade.utils.manifest import read_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,6 +44,22 @@ def _pretrain_cfg(name: str):
     add_pretrain_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs", "pretrain", name))
     return cfg
+
+
+def test_setup_logs_spade_messages_to_the_output_folder(tmp_path):
+    """The export and gate messages (spade.* loggers) reach OUTPUT_DIR/log.txt and the console,
+    as detectron2's own do: the gates are printed by the run, not only stored in the manifest."""
+    import logging
+
+    out = tmp_path / "out"
+    args = make_args(CFG["vae"], ["OUTPUT_DIR", str(out), "SEED", "0"])
+    setup_pretrain_cfg(args, do_default_setup=True)
+    logging.getLogger("spade.pretrain.run").info("gates of %s: 27.45 dB", "folder-x")
+    for handler in logging.getLogger("spade").handlers:
+        handler.flush()
+    log = (out / "log.txt").read_text()
+    assert "spade.pretrain.run INFO: gates of folder-x: 27.45 dB" in log
+    assert (out / "config.yaml").is_file()  # detectron2's default_setup ran too
 
 
 def test_every_config_merges():
