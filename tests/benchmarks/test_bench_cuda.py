@@ -1,11 +1,10 @@
 """benchmarks/bench_cuda.py in its CPU smoke mode: the tiny preset, one timed run per mode, the
 JSON / Markdown it writes, and a failing row recorded instead of ending the run."""
 
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_modules import load_benchmark
+
 ROW_KEYS = {
     "preset",
     "image",
@@ -24,16 +23,7 @@ ROW_KEYS = {
 }
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_cuda", os.path.join(ROOT, "benchmarks", "bench_cuda.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench_cuda = _load()
+bench_cuda = load_benchmark("bench_cuda")
 SMOKE = ["--device", "cpu", "--presets", "tiny", "--repeats", "1"]
 TEACHER = ["--teacher-steps", "2", "--teacher-triplets", "1"]
 

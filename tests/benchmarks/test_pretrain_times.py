@@ -1,11 +1,9 @@
 """benchmarks/pretrain_times.py: the per-run wall times it reads from detectron2 logs, on a
 hand-written log of a run interrupted once, resumed, then re-measured with --eval-only."""
 
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_modules import load_benchmark
 
 LOG = """\
 [12/02 10:00:00] detectron2 INFO: Rank of current process: 0. World size: 1
@@ -25,12 +23,7 @@ LOG = """\
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location(
-        "pretrain_times", os.path.join(ROOT, "benchmarks", "pretrain_times.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("pretrain_times")
 
 
 def test_processes_and_row_from_a_resumed_run(tmp_path):
