@@ -52,7 +52,8 @@ CONFIGS = {
 }
 
 
-def max_iter(name: str) -> int:
+def pretrain_cfg(name: str, opts=()):
+    """configs/pretrain/<name>.yaml with ``opts`` merged, as pretrain_net.py reads it."""
     from detectron2.config import get_cfg
 
     from spade.pretrain import add_pretrain_config
@@ -60,7 +61,12 @@ def max_iter(name: str) -> int:
     cfg = get_cfg()
     add_pretrain_config(cfg)
     cfg.merge_from_file(os.path.join(ROOT, "configs", "pretrain", f"{name}.yaml"))
-    return int(cfg.SOLVER.MAX_ITER)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def max_iter(name: str) -> int:
+    return int(pretrain_cfg(name).SOLVER.MAX_ITER)
 
 
 def cpu_description() -> str:
@@ -83,13 +89,8 @@ def cpu_description() -> str:
 def latent_cache_fill(name: str) -> str:
     """How full the config's UNet latent cache is now ("" for configs without one)."""
     import numpy as np
-    from detectron2.config import get_cfg
 
-    from spade.pretrain import add_pretrain_config
-
-    cfg = get_cfg()
-    add_pretrain_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "pretrain", f"{name}.yaml"))
+    cfg = pretrain_cfg(name)
     if cfg.PRETRAIN.TASK != "unet" or not cfg.PRETRAIN.UNET.LATENT_CACHE:
         return ""
     done = os.path.join(ROOT, f"{cfg.PRETRAIN.UNET.LATENT_CACHE}.done")

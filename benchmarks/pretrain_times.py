@@ -4,10 +4,11 @@
 Reads each config's ``OUTPUT_DIR/log.txt`` (detectron2's log, which SPADE's loggers write to as
 well) and splits it into the processes that wrote it: a run interrupted and continued with
 ``--resume`` has several, a gate re-measurement (``--eval-only``) has one without training. Per
-run it prints the iterations trained, detectron2's own seconds per iteration, the minutes before
-training (set-up: corpus, caches), in training, after it (export and gates) and in all, and the
-span from the first run's start to the last one's end (the CPU ``make pretrain`` trains CLIP
-beside the VAE, so its span is shorter than the sum). Run it after ``make pretrain``:
+run it prints the iterations trained, the seconds per iteration (training time over them), the
+minutes before training (set-up: corpus, caches), in training, after it (export and gates) and
+in all, and the span from the first run's start to the last one's end (the CPU
+``make pretrain`` trains CLIP beside the VAE, so its span is shorter than the sum). Run it
+after ``make pretrain``:
 
     python benchmarks/pretrain_times.py                      # the CPU chain's configs
     python benchmarks/pretrain_times.py --configs unet_tiny unet_tiny_grounded --out t.json
@@ -26,6 +27,9 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from bench_pretrain import pretrain_cfg  # noqa: E402
 
 # the CPU `make pretrain` runs, in its order (Makefile)
 CPU_CHAIN = [
@@ -119,15 +123,7 @@ def run_row(name: str, procs: List[Dict]) -> Dict:
 
 
 def output_dir(name: str, opts: List[str]) -> str:
-    from detectron2.config import get_cfg
-
-    from spade.pretrain import add_pretrain_config
-
-    cfg = get_cfg()
-    add_pretrain_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs", "pretrain", f"{name}.yaml"))
-    cfg.merge_from_list(list(opts))
-    out = str(cfg.OUTPUT_DIR)
+    out = str(pretrain_cfg(name, opts).OUTPUT_DIR)
     return out if os.path.isabs(out) else os.path.join(ROOT, out)
 
 

@@ -22,15 +22,13 @@ LOG = """\
 """  # noqa: E501
 
 
-def _module():
-    return load_benchmark("pretrain_times")
+pretrain_times = load_benchmark("pretrain_times")
 
 
 def test_processes_and_row_from_a_resumed_run(tmp_path):
-    mod = _module()
     log = tmp_path / "log.txt"
     log.write_text(LOG)
-    procs = mod.parse_log(str(log))
+    procs = pretrain_times.parse_log(str(log))
     assert len(procs) == 3
     first, second, evaluation = procs
     assert first["first_iter"] == 0 and "train_end" not in first  # killed while training
@@ -40,7 +38,7 @@ def test_processes_and_row_from_a_resumed_run(tmp_path):
     assert second["train_s"] == 33 * 60 + 20
     assert evaluation["train_start"] is None
 
-    row = mod.run_row("unet_tiny", procs)
+    row = pretrain_times.run_row("unet_tiny", procs)
     assert row["processes"] == 2 and row["eval_only_processes"] == 1
     assert row["first_iteration"] == 0 and row["iterations"] == 820 + 998  # 800-819 twice
     assert row["s_per_it"] == round(3680 / 1818, 3)
@@ -52,24 +50,24 @@ def test_processes_and_row_from_a_resumed_run(tmp_path):
 
 
 def test_main_prints_the_table_and_writes_json(tmp_path, capsys):
-    mod = _module()
     out = tmp_path / "unet"
     out.mkdir()
     (out / "log.txt").write_text(LOG)
     missing = tmp_path / "none"
     js = tmp_path / "times.json"
-    mod.main(["--configs", "unet_tiny", "--opts", "OUTPUT_DIR", str(out), "--out", str(js)])
+    pretrain_times.main(
+        ["--configs", "unet_tiny", "--opts", "OUTPUT_DIR", str(out), "--out", str(js)]
+    )
     text = capsys.readouterr().out
     assert "unet_tiny" in text and "74.3" in text
     rows = json.load(open(js))["rows"]
     assert rows[0]["wall_min"] == 74.3 and rows[0]["start"] == "12/02 10:00:00"
-    mod.main(["--configs", "unet_tiny", "--opts", "OUTPUT_DIR", str(missing)])
+    pretrain_times.main(["--configs", "unet_tiny", "--opts", "OUTPUT_DIR", str(missing)])
     assert "no log" in capsys.readouterr().out
 
 
 def test_a_log_without_training_is_reported_as_such(tmp_path):
-    mod = _module()
     log = tmp_path / "log.txt"
     log.write_text("[12/02 12:00:00] detectron2 INFO: Rank of current process: 0. World size: 1\n")
-    row = mod.run_row("clip_tiny", mod.parse_log(str(log)))
+    row = pretrain_times.run_row("clip_tiny", pretrain_times.parse_log(str(log)))
     assert row == {"config": "clip_tiny", "processes": 0, "eval_only_processes": 1}
