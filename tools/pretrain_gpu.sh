@@ -26,9 +26,10 @@ stamp() { echo "[pretrain_gpu $(($(date +%s) - t0)) s] $*"; }
 GATE_FLAG=--skip-gates
 [ "${GATES:-0}" = 1 ] && GATE_FLAG=
 # shellcheck disable=SC2206
-# one latent cache for the UNet and its continuations, inside this run's folder
+# one latent cache and one segment cache for the UNet and its continuations, inside this run's folder
 COMMON=(PRETRAIN.UNET.CLIP "$MODELS/synthpsg-tiny-clip" PRETRAIN.UNET.VAE "$MODELS/synthpsg-tiny-sd"
-  PRETRAIN.UNET.LATENT_CACHE "$RUNS/unet_latents.npy" $EXTRA_OPTS)
+  PRETRAIN.UNET.LATENT_CACHE "$RUNS/unet_latents.npy"
+  PRETRAIN.UNET.SEGMENT_CACHE "$RUNS/unet_segments.npy" $EXTRA_OPTS)
 
 run() {  # run TASK EXPORT_DIR: train, export, log to $LOG/TASK.log
   $PY projects/SPADE/pretrain_net.py --config-file "$CFG/$1_tiny.yaml" --resume $GATE_FLAG \

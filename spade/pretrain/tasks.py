@@ -209,7 +209,7 @@ class UnetTask:
         )
 
     def batches(self, cfg):
-        from .unet import LatentCache, unet_batches
+        from .unet import LatentCache, SegmentCache, unet_batches
 
         clip, vae = self._frozen(cfg)
         vae.to(torch.device(cfg.MODEL.DEVICE))  # latents are cached on first use, on the device
@@ -218,6 +218,12 @@ class UnetTask:
         cache = LatentCache(
             path, vae, vae.config.scaling_factor, len(corpus), corpus.spec.image_size
         )
+        segments = None
+        if _grounded(cfg):
+            seg_path = str(cfg.PRETRAIN.UNET.SEGMENT_CACHE) or os.path.join(
+                cfg.OUTPUT_DIR, "segments.npy"
+            )
+            segments = SegmentCache(seg_path, corpus)
         return unet_batches(
             corpus,
             cache,
@@ -228,6 +234,7 @@ class UnetTask:
             encode=clip.tokenizer.encode if _grounded(cfg) else None,
             teacher_form_share=float(cfg.PRETRAIN.UNET.TEACHER_FORM_SHARE),
             pixel_phrase=bool(cfg.PRETRAIN.UNET.GROUNDING_PIXEL_PHRASE),
+            segment_cache=segments,
         )
 
     def export(self, cfg, model, info: dict) -> str:

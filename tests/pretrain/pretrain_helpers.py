@@ -50,6 +50,7 @@ def tiny_cfg(config_file, root, task, max_iter=2, resume=False, extra=()):
         "PRETRAIN.EXPORT_DIR", str(root / ("clip" if task == "clip" else "sd")),
         "OUTPUT_DIR", str(root / f"out_{task}"),
         "PRETRAIN.UNET.LATENT_CACHE", "",  # each run its own (OUTPUT_DIR/latents.npy)
+        "PRETRAIN.UNET.SEGMENT_CACHE", "",  # each run its own (OUTPUT_DIR/segments.npy)
         "SOLVER.MAX_ITER", str(max_iter),
     ] + list(extra)  # fmt: skip
     args = make_args(config_file, opts, resume=resume)

@@ -89,8 +89,9 @@ def test_continuation_configs_start_from_the_run_they_continue():
         assert cfg.MODEL.WEIGHTS == f"{prev.OUTPUT_DIR}/model_final.safetensors", name
         assert cfg.OUTPUT_DIR != prev.OUTPUT_DIR and cfg.OUTPUT_DIR not in outputs, name
         assert cfg.PRETRAIN.EXPORT_DIR == prev.PRETRAIN.EXPORT_DIR, name  # exports over it
-        if cfg.PRETRAIN.TASK == "unet":  # the chain encodes the corpus once
+        if cfg.PRETRAIN.TASK == "unet":  # the chain encodes and renders the corpus once
             assert cfg.PRETRAIN.UNET.LATENT_CACHE == "output/pretrain/unet_latents.npy", name
+            assert cfg.PRETRAIN.UNET.SEGMENT_CACHE == "output/pretrain/unet_segments.npy", name
         outputs.add(cfg.OUTPUT_DIR)
     makefile = open(os.path.join(ROOT, "Makefile")).read()
     positions = [makefile.index(f"configs/pretrain/{n}") for n in ("unet_tiny.yaml",
