@@ -215,9 +215,7 @@ class UnetTask:
         vae.to(torch.device(cfg.MODEL.DEVICE))  # latents are cached on first use, on the device
         corpus = corpus_of(cfg)
         path = str(cfg.PRETRAIN.UNET.LATENT_CACHE) or os.path.join(cfg.OUTPUT_DIR, "latents.npy")
-        cache = LatentCache(
-            path, vae, vae.config.scaling_factor, len(corpus), corpus.spec.image_size
-        )
+        cache = LatentCache(path, vae, vae.config.scaling_factor, corpus)
         segments = None
         if _grounded(cfg):
             seg_path = str(cfg.PRETRAIN.UNET.SEGMENT_CACHE) or os.path.join(

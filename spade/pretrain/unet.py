@@ -148,39 +148,73 @@ class UnetPretrainModel(nn.Module):
         return losses
 
 
+def open_cache(path: str, key: str, arrays: Dict[str, tuple], config_key: str) -> List[np.ndarray]:
+    """Memory-map a cache's arrays ``{file: (dtype, shape)}``, the last of them its uint8 "done"
+    flags; ``<path>.meta`` holds ``key`` (what the cache was made from). When the files or their
+    meta are missing, or the meta differs, the arrays are created afresh (nothing done); a file
+    that cannot be read or holds another shape or dtype is an error naming it and ``config_key``.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    meta = f"{path}.meta"
+    fresh = not (all(os.path.isfile(f) for f in arrays) and os.path.isfile(meta))
+    if not fresh:
+        with open(meta) as f:
+            fresh = f.read() != key
+    mode = "w+" if fresh else "r+"
+    hint = f"remove {path} and its other {os.path.basename(path)}.* files to rebuild the cache"
+    opened = []
+    for file, (dtype, shape) in arrays.items():
+        try:  # "r+" takes shape and dtype from the file's header: checked below
+            a = np.lib.format.open_memmap(file, mode=mode, dtype=dtype, shape=shape)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cache file {file} ({config_key}) cannot be read: {e}; {hint}") from e
+        if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
+            raise ValueError(
+                f"cache file {file} ({config_key}) holds {a.dtype} {a.shape}, this cache needs "
+                f"{np.dtype(dtype)} {tuple(shape)}; {hint}"
+            )
+        opened.append(a)
+    if fresh:
+        opened[-1][:] = 0
+        opened[-1].flush()
+        atomic_write_bytes(meta, key.encode())
+    return opened
+
+
 class LatentCache:
     """Scaled VAE posterior means of every corpus image, computed on first use (memory-mapped).
 
-    Files: ``<path>`` float16 [N, C, h, w] and ``<path>.done`` uint8 [N]. A cache made with
-    another VAE (its scaling factor or latent shape differ) is rebuilt.
+    Files: ``<path>`` float16 [N, C, h, w], ``<path>.done`` uint8 [N] and ``<path>.meta`` (what
+    the latents were made from: the corpus, the VAE's weights and scaling factor). A cache made
+    from another corpus or with another VAE is rebuilt.
     """
 
-    def __init__(self, path: str, vae, latent_scale: float, num_images: int, image_size: int):
+    def __init__(self, path: str, vae, latent_scale: float, corpus: Corpus):
+        import hashlib
+
         self.vae, self.scale = vae, float(latent_scale)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        shape = (
-            num_images,
-            int(vae.config.latent_channels),
-            image_size // factor,
-            image_size // factor,
+        size = int(corpus.spec.image_size)
+        shape = (len(corpus), int(vae.config.latent_channels), size // factor, size // factor)
+        weights = hashlib.sha256()
+        for name, tensor in sorted(vae.state_dict().items()):
+            weights.update(name.encode())
+            weights.update(tensor.detach().float().cpu().numpy().tobytes())
+        key = json.dumps(
+            {
+                "shape": list(shape),
+                "scale": self.scale,
+                "vae_sha256": weights.hexdigest(),
+                "corpus": asdict(corpus.spec),
+            },
+            sort_keys=True,
         )
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        meta = f"{path}.meta"
-        key = f"{shape} {self.scale!r}"
-        fresh = True
-        if os.path.isfile(path) and os.path.isfile(meta):
-            with open(meta) as f:
-                fresh = f.read() != key
-        mode = "w+" if fresh else "r+"
-        self.latents = np.lib.format.open_memmap(path, mode=mode, dtype=np.float16, shape=shape)
-        self.done = np.lib.format.open_memmap(
-            f"{path}.done", mode=mode, dtype=np.uint8, shape=shape[:1]
+        self.latents, self.done = open_cache(
+            path,
+            key,
+            {path: (np.float16, shape), f"{path}.done": (np.uint8, shape[:1])},
+            "PRETRAIN.UNET.LATENT_CACHE",
         )
-        if fresh:
-            self.done[:] = 0
-            self.done.flush()
-            with open(meta, "w") as f:
-                f.write(key)
 
     @torch.no_grad()
     def get(self, corpus: Corpus, indices: List[int]) -> torch.Tensor:
@@ -217,40 +251,15 @@ class SegmentCache:
         self.classes = list(THING_CLASSES) + list(STUFF_CLASSES)
         self._index = {name: k for k, name in enumerate(self.classes)}
         n, size = len(corpus), int(corpus.spec.image_size)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        meta = f"{path}.meta"
         key = json.dumps({"corpus": asdict(corpus.spec), "classes": self.classes}, sort_keys=True)
-        fresh = True
-        if os.path.isfile(path) and os.path.isfile(meta):
-            with open(meta) as f:
-                fresh = f.read() != key
-        mode = "w+" if fresh else "r+"
         arrays = {
             path: (np.uint8, (n, size, size)),
             f"{path}.names": (np.int16, (n, self.MAX_SEGMENTS)),
             f"{path}.done": (np.uint8, (n,)),
         }
-        opened = []
-        for file, (dtype, shape) in arrays.items():
-            try:  # "r+" reads shape and dtype from the file: they are checked below
-                a = np.lib.format.open_memmap(file, mode=mode, dtype=dtype, shape=shape)
-            except (OSError, ValueError) as e:
-                raise ValueError(
-                    f"segment cache file {file} (PRETRAIN.UNET.SEGMENT_CACHE) cannot be read: "
-                    f"{e}; remove {path} and its .names/.done/.meta files to rebuild the cache"
-                ) from e
-            if a.dtype != dtype or a.shape != shape:
-                raise ValueError(
-                    f"segment cache file {file} (PRETRAIN.UNET.SEGMENT_CACHE) holds {a.dtype} "
-                    f"{a.shape}, the caption corpus {corpus.root} needs {np.dtype(dtype)} {shape}; "
-                    f"remove {path} and its .names/.done/.meta files to rebuild the cache"
-                )
-            opened.append(a)
-        self.labels, self.names, self.done = opened
-        if fresh:
-            self.done[:] = 0
-            self.done.flush()
-            atomic_write_bytes(meta, key.encode())
+        self.labels, self.names, self.done = open_cache(
+            path, key, arrays, "PRETRAIN.UNET.SEGMENT_CACHE"
+        )
 
     def segments(self, corpus: Corpus, i: int) -> Tuple[np.ndarray, List[str]]:
         """What ``corpus.segments(i)`` returns (bool masks [S, size, size], S class names)."""

@@ -63,5 +63,7 @@ def test_gpu_script_runs_every_stage_on_a_miniature(tmp_path):
     for run in chain:
         assert (runs / run / "model_final.safetensors").is_file(), run
         assert not (runs / run / "latents.npy").exists(), run  # the chain shares one cache
+        assert not (runs / run / "segments.npy").exists(), run  # and one of segments
     assert (runs / "unet_latents.npy").is_file() and "unet_latents.npy" in unet["config"]
+    assert (runs / "unet_segments.npy").is_file() and "unet_segments.npy" in unet["config"]
     assert {f"{run}.log" for run in chain} <= set(os.listdir(logs))

@@ -1,6 +1,7 @@
-"""The UNet chain's segment cache (PRETRAIN.UNET.SEGMENT_CACHE): the grounding losses' class masks,
-rendered once per corpus image and kept as label maps, give exactly the batches of rendering every
-image again."""
+"""The UNet chain's caches. The segment cache (PRETRAIN.UNET.SEGMENT_CACHE): the grounding losses'
+class masks, rendered once per corpus image and kept as label maps, give exactly the batches of
+rendering every image again. The latent cache (PRETRAIN.UNET.LATENT_CACHE): the VAE's scaled
+posterior means, encoded once, and made again for another corpus or another VAE."""
 
 import json
 
@@ -10,7 +11,8 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 from spade.pretrain.corpus import Corpus, CorpusSpec, build_corpus
-from spade.pretrain.unet import SegmentCache, unet_batches
+from spade.pretrain.unet import LatentCache, SegmentCache, unet_batches
+from spade.pretrain.vae import to_vae_input
 
 ENCODE = SimpleTokenizer().encode
 
@@ -125,3 +127,56 @@ def test_bad_cache_files_are_errors_naming_the_file(tmp_path, corpora):
     done.write_bytes(done.read_bytes()[:20])
     with pytest.raises(ValueError, match=r"other\.npy\.done .*cannot be read"):
         SegmentCache(str(tmp_path / "other.npy"), corpus)
+
+
+def _tiny_vae(seed):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    ).eval()
+
+
+def test_latent_cache_encodes_once_and_knows_what_it_was_made_from(tmp_path, corpora, monkeypatch):
+    corpus = corpora[0]
+    vae = _tiny_vae(0)
+    path = str(tmp_path / "latents.npy")
+    cache = LatentCache(path, vae, 0.5, corpus)
+    assert cache.latents.shape == (12, 4, 32, 32) and not cache.done.any()
+    got = cache.get(corpus, [5, 2, 5])
+    with torch.no_grad():
+        want = vae.encode(to_vae_input(np.stack([corpus.image(i) for i in (5, 2)]))).latent_dist
+    want = 0.5 * want.mean
+    assert got.dtype == torch.float32 and got.shape == (3, 4, 32, 32)
+    torch.testing.assert_close(got[0], want[0], atol=2e-3, rtol=2e-3)  # stored as float16
+    torch.testing.assert_close(got[1], want[1], atol=2e-3, rtol=2e-3)
+    assert torch.equal(got[0], got[2])
+    assert list(np.flatnonzero(cache.done)) == [2, 5]
+    del cache
+
+    # the same corpus and VAE: the latents are read back, nothing is encoded again
+    def no_encode(x):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(vae, "encode", no_encode)
+    again = LatentCache(path, vae, 0.5, corpus)
+    assert torch.equal(again.get(corpus, [5, 2, 5]), got)
+    monkeypatch.undo()
+    del again
+    # another VAE (same shapes and scale, other weights), another scale, another corpus: rebuilt
+    for other_vae, scale, other in ((_tiny_vae(1), 0.5, corpus), (vae, 0.7, corpus),
+                                    (vae, 0.5, corpora[1])):  # fmt: skip
+        rebuilt = LatentCache(path, other_vae, scale, other)
+        assert not rebuilt.done.any()
+        del rebuilt
+    # a latent file of another shape under a matching .meta is an error naming the file and key
+    LatentCache(path, vae, 0.5, corpus)
+    np.save(path, np.zeros((12, 4, 16, 16), np.float16))
+    with pytest.raises(ValueError, match=r"latents\.npy \(PRETRAIN\.UNET\.LATENT_CACHE\) holds"):
+        LatentCache(path, vae, 0.5, corpus)
