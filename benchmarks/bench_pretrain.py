@@ -16,9 +16,11 @@ they run slower (memory bandwidth); the decoder fine-tune and the UNet runs take
 The UNet configs read their ``PRETRAIN.UNET.LATENT_CACHE`` (the chain's one cache of VAE
 latents) as ``make pretrain`` does: in the chain ``unet_tiny`` builds it over its first epoch and
 the continuations find it complete, so measure the continuations after a ``unet_tiny`` run (or
-any run that filled the cache) to get their speed in the chain; the table says how full the cache
-was. The speed-up of bf16 depends on the CPU's bf16 units (AMX, AVX-512-BF16), which the table's
-header names with the CPU model: these machines differ from session to session.
+any run that filled the cache) to get their speed in the chain. The same holds for the grounding
+runs' ``PRETRAIN.UNET.SEGMENT_CACHE`` (the corpus's segment label maps), which the first of them
+fills. The table says how full each cache was. The speed-up of bf16 depends on the CPU's bf16
+units (AMX, AVX-512-BF16), which the table's header names with the CPU model: these machines
+differ from session to session.
 
     python benchmarks/bench_pretrain.py --out bench_pretrain.json
     python benchmarks/bench_pretrain.py --configs vae_tiny unet_tiny --iters 40
@@ -86,18 +88,29 @@ def cpu_description() -> str:
     return f"{model} ({', '.join(units) if units else 'no bf16 units listed'})"
 
 
-def latent_cache_fill(name: str) -> str:
-    """How full the config's UNet latent cache is now ("" for configs without one)."""
+def cache_fills(name: str, root: str = ROOT) -> dict:
+    """How full the config's UNet caches under ``root`` are now: {"latent": "100 %", "segment":
+    "empty"}, each where the config reads that cache (the segment cache: the grounding runs)."""
     import numpy as np
 
     cfg = pretrain_cfg(name)
-    if cfg.PRETRAIN.TASK != "unet" or not cfg.PRETRAIN.UNET.LATENT_CACHE:
-        return ""
-    done = os.path.join(ROOT, f"{cfg.PRETRAIN.UNET.LATENT_CACHE}.done")
-    if not os.path.isfile(done):
-        return "empty"
-    flags = np.load(done, mmap_mode="r")
-    return f"{100.0 * float(flags.mean()):.0f} %"
+    if cfg.PRETRAIN.TASK != "unet":
+        return {}
+    u = cfg.PRETRAIN.UNET
+    paths = {"latent": u.LATENT_CACHE}
+    if u.GROUNDING_WEIGHT > 0 or u.GROUNDING_PIXEL_WEIGHT > 0:
+        paths["segment"] = u.SEGMENT_CACHE
+    fills = {}
+    for kind, path in paths.items():
+        if not path:  # "" = a cache of the run's own in OUTPUT_DIR, which starts empty
+            fills[kind] = "empty"
+            continue
+        done = os.path.join(root, f"{path}.done")
+        if not os.path.isfile(done):
+            fills[kind] = "empty"
+            continue
+        fills[kind] = f"{100.0 * float(np.load(done, mmap_mode='r').mean()):.0f} %"
+    return fills
 
 
 def seconds_per_iteration(name: str, amp: bool, iters: int, threads: int, work: str) -> float:
@@ -150,9 +163,9 @@ def main(argv=None) -> int:
         for name in a.configs:
             threads, n = CONFIGS[name], max_iter(name)
             r = {"config": name, "threads": threads, "max_iter": n}
-            cache = latent_cache_fill(name)
-            if cache:
-                r["latent_cache_at_start"] = cache
+            fills = cache_fills(name)
+            for kind, fill in fills.items():
+                r[f"{kind}_cache_at_start"] = fill
             line = f"{name:22} {threads} thr {n:5d} it"
             for amp in kinds:
                 key = "amp" if amp else "fp32"
@@ -163,8 +176,9 @@ def main(argv=None) -> int:
             if len(kinds) == 2:
                 r["speedup"] = round(r["fp32_s_per_it"] / r["amp_s_per_it"], 2)
                 line += f"  x{r['speedup']:.2f}"
-            if cache:
-                line += f"  (latent cache {cache} full at start)"
+            if fills:
+                at_start = ", ".join(f"{kind} cache {fill}" for kind, fill in fills.items())
+                line += f"  (at start: {at_start})"
             rows.append(r)
             print(line, flush=True)
     info = {
