@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
-from pretrain_helpers import tiny_cfg
+from pretrain_helpers import ZeroLatents, tiny_cfg
 
 from spade.data.synthpsg import STUFF_CLASSES, THING_CLASSES
 from spade.pretrain import run_pretraining
@@ -257,13 +257,6 @@ def test_unet_pretraining_with_grounding(stage0_root, tmp_path):
             run_pretraining(bad, bad_args)
 
 
-class _ZeroLatents:
-    """A latent cache stand-in: unet_batches only asks it for latents of given images."""
-
-    def get(self, corpus, indices):
-        return torch.zeros(len(indices), 4, 2, 2)
-
-
 def test_teacher_form_share_draws_stage1_captions(tmp_path):
     """TEACHER_FORM_SHARE 0 keeps the corpus's caption mix bit for bit; 1 gives every kept caption
     in the stage-1 teacher form "[subject] is [predicate] [object]"; outside [0, 1] is an error
@@ -276,7 +269,7 @@ def test_teacher_form_share_draws_stage1_captions(tmp_path):
     corpus = Corpus(root)
 
     def first(share, steps=3):
-        gen = unet_batches(corpus, _ZeroLatents(), 8, 0.25, seed=3, teacher_form_share=share)
+        gen = unet_batches(corpus, ZeroLatents(), 8, 0.25, seed=3, teacher_form_share=share)
         return [next(gen)["captions"] for _ in range(steps)]
 
     # share 0: the draw of earlier runs, one dropout draw per sample then the corpus's own caption
@@ -320,9 +313,9 @@ def test_batches_carry_phrase_positions_with_pixel_phrase(tmp_path):
     root = str(tmp_path / "corpus")
     build_corpus(root, CorpusSpec(seed=0, num_images=16, image_size=64, shard_size=16))
     corpus = Corpus(root)
-    plain = next(unet_batches(corpus, _ZeroLatents(), 16, 0.0, seed=1, encode=ENCODE))
+    plain = next(unet_batches(corpus, ZeroLatents(), 16, 0.0, seed=1, encode=ENCODE))
     phrase = next(
-        unet_batches(corpus, _ZeroLatents(), 16, 0.0, seed=1, encode=ENCODE, pixel_phrase=True)
+        unet_batches(corpus, ZeroLatents(), 16, 0.0, seed=1, encode=ENCODE, pixel_phrase=True)
     )
     assert plain["captions"] == phrase["captions"]
     longer = 0

@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+from pretrain_helpers import ZeroLatents
 
 from spade.pretrain.corpus import Corpus, CorpusSpec, build_corpus
 from spade.pretrain.unet import LatentCache, SegmentCache, unet_batches
 from spade.pretrain.vae import to_vae_input
 
 ENCODE = SimpleTokenizer().encode
-
-
-class _ZeroLatents:
-    """A latent cache stand-in: unet_batches only asks it for latents of given images."""
-
-    def get(self, corpus, indices):
-        return torch.zeros(len(indices), 4, 2, 2)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +71,8 @@ def test_batches_are_the_same_with_and_without_the_cache(tmp_path, corpora):
     corpus = corpora[0]
     cache = SegmentCache(str(tmp_path / "segments.npy"), corpus)
     kw = dict(seed=2, encode=ENCODE, pixel_phrase=True)
-    plain = unet_batches(corpus, _ZeroLatents(), 8, 0.25, **kw)
-    cached = unet_batches(corpus, _ZeroLatents(), 8, 0.25, segment_cache=cache, **kw)
+    plain = unet_batches(corpus, ZeroLatents(), 8, 0.25, **kw)
+    cached = unet_batches(corpus, ZeroLatents(), 8, 0.25, segment_cache=cache, **kw)
     targets, captions = 0, []
     for _ in range(3):
         a, b = next(plain), next(cached)
