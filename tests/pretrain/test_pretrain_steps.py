@@ -109,6 +109,26 @@ def test_continuation_configs_start_from_the_run_they_continue():
     assert "PRETRAIN_MID := $(if $(filter all,$(PRETRAIN_GATES)),,--skip-gates)" in makefile
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_pretrain_passes_unet_opts_to_the_first_unet_run_only():
+    """`make pretrain PRETRAIN_UNET_OPTS=...` (the shorter chain of MODEL_ZOO.md) changes the
+    UNet's first run and no other; `make -n` prints the recipe without running it."""
+    import subprocess
+
+    out = subprocess.run(
+        ["make", "-n", "pretrain", "PRETRAIN_UNET_OPTS=SOLVER.MAX_ITER 1500"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    runs = {
+        part.split()[0]: part.split("&&")[0]
+        for part in out.split("--config-file configs/pretrain/")[1:]
+    }
+    assert "SOLVER.MAX_ITER 1500" in runs["unet_tiny.yaml"]
+    assert "--skip-gates" in runs["unet_tiny.yaml"]
+    others = [n for n in runs if n != "unet_tiny.yaml"]
+    assert len(others) == 9 and not any("MAX_ITER" in runs[n] for n in others), others
+
+
 def test_exports_have_the_real_formats_and_manifests(trained):
     clip_dir, sd = trained / "clip", trained / "sd"
     assert sorted(os.listdir(clip_dir)) == [
