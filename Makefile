@@ -43,9 +43,9 @@ PRETRAIN_NET := $(PY) projects/SPADE/pretrain_net.py
 # and the later export replaces it and its gates. PRETRAIN_GATES=all measures them after every
 # run too; `pretrain_net.py --config-file CFG --eval-only` measures an export's gates at any time.
 PRETRAIN_GATES ?= final
-# Options for the UNet's first run only: PRETRAIN_UNET_OPTS="SOLVER.MAX_ITER 1500" is the shorter
-# chain of MODEL_ZOO.md ("Making the chain shorter": 191.5 min on a 2-core AMD EPYC, every UNet
-# gate met, 6-9 points of pointing and 10 of the demo's R@50 under the shipped chain's).
+# Options for the UNet's first run only (CPU): PRETRAIN_UNET_OPTS="SOLVER.MAX_ITER 1500" is the
+# shorter chain of MODEL_ZOO.md ("Making the chain shorter": 191.5 min on a 2-core AMD EPYC,
+# every UNet gate met, 6-9 points of pointing and 10 of the demo's R@50 under the shipped chain's).
 PRETRAIN_UNET_OPTS ?=
 PRETRAIN_MID := $(if $(filter all,$(PRETRAIN_GATES)),,--skip-gates) $(PRETRAIN_ARGS) $(PRETRAIN_CPU_OPTS)
 pretrain: install
