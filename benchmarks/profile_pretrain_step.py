@@ -73,7 +73,6 @@ def profile_steps(cfg, warmup: int, steps: int, top: int) -> dict:
         for e in events[:top]
     ]
     return {
-        "config": cfg.PRETRAIN.TASK,
         "batch": int(cfg.SOLVER.IMS_PER_BATCH),
         "amp": amp,
         "threads": torch.get_num_threads(),
@@ -112,8 +111,10 @@ def main(argv: List[str] = None) -> int:
         config_file=args.config_file, opts=["MODEL.WEIGHTS", "", *args.opts]
     )
     cfg = setup_pretrain_cfg(cfg_args, do_default_setup=False)
-    result = profile_steps(cfg, args.warmup, args.steps, args.top)
-    result["config"] = os.path.basename(args.config_file)
+    result = {
+        "config": os.path.basename(args.config_file),
+        **profile_steps(cfg, args.warmup, args.steps, args.top),
+    }
     print(format_table(result))
     if args.out:
         from spade.utils.io import atomic_write_bytes

@@ -3,19 +3,18 @@ shipped CLIP and VAE, a tiny UNet, 24 corpus images), timed and profiled."""
 
 import json
 import os
+import sys
 
 import pytest
 from bench_modules import ROOT, load_benchmark
+
+sys.path.insert(0, os.path.join(ROOT, "tests", "pretrain"))
+from pretrain_helpers import TINY_OPTS  # noqa: E402
 
 profile_step = load_benchmark("profile_pretrain_step")
 
 
 def _argv(tmp_path, *extra):
-    import sys
-
-    sys.path.insert(0, os.path.join(ROOT, "tests", "pretrain"))
-    from pretrain_helpers import TINY_OPTS
-
     return [
         "--config-file", os.path.join(ROOT, "configs", "pretrain", "unet_tiny_grounded5.yaml"),
         *extra,
