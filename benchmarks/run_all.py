@@ -5,6 +5,11 @@ table as it goes; this script then renders every JSON's ``rows`` as a Markdown t
 naming the machine it ran on (CPU model, cores, memory, torch version, threads); every row also
 carries the machine in its last column.
 
+Each generated section sits between ``<!-- make bench: NAME -->`` and ``<!-- /make bench: NAME
+-->`` lines. Only the sections of the benchmarks that ran are rewritten (in place, or appended at
+the end when the file has none for them yet); every other part of the file, hand-written sections
+included (the pretraining chains' times, the GPU runs), is kept as it was.
+
     python benchmarks/run_all.py [--only evaluator relation_head] [--quick]
 """
 
@@ -79,6 +84,42 @@ def _fmt(v) -> str:
     return str(v)
 
 
+HEADER = (
+    "# SPADE benchmarks\n\nWritten by `make bench` (benchmarks/run_all.py); every table names "
+    "the machine it ran on. Numbers on a shared machine are noisy. Sections between `make bench` "
+    "markers are rewritten by it; the others are written by hand and kept.\n"
+)
+
+
+def _markers(name: str):
+    return f"<!-- make bench: {name} -->", f"<!-- /make bench: {name} -->"
+
+
+def merge_sections(old: str, sections: dict, where: str = "RESULTS.md") -> str:
+    """``old`` (the file's text, "" when there is none) with each ``sections[name]`` put between
+    its markers: replacing the marked section that is there, else appended at the end.
+
+    A marker without its partner, or one that appears twice, is a ValueError naming ``where`` and
+    the benchmark, so that a hand edit that broke a marker does not cost the text around it.
+    """
+    text = old if old.strip() else HEADER
+    for name, body in sections.items():
+        start, end = _markers(name)
+        block = f"{start}\n{body.strip()}\n{end}"
+        n_start, n_end = text.count(start), text.count(end)
+        if (n_start, n_end) == (0, 0):
+            text = text.rstrip("\n") + "\n\n" + block + "\n"
+            continue
+        i, j = text.find(start), text.find(end)
+        if (n_start, n_end) != (1, 1) or j < i:
+            raise ValueError(
+                f"{where}: the markers of benchmark {name!r} are broken ({start!r} {n_start} "
+                f"times, {end!r} {n_end} times, or the end before the start); mend them by hand"
+            )
+        text = text[:i] + block + text[j + len(end) :]
+    return text
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=list(BENCHMARKS))
@@ -86,11 +127,16 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     args = p.parse_args(argv)
 
+    old = ""
+    if os.path.isfile(args.results):
+        with open(args.results, encoding="utf-8") as f:
+            old = f.read()
+    merge_sections(old, {name: "" for name in args.only}, args.results)  # broken markers: stop now
     out_dir = os.path.join(HERE, "results")
     os.makedirs(out_dir, exist_ok=True)
     host = machine()
     short_host = host.split(";")[0]
-    sections = []
+    sections = {}
     for name in args.only:
         script, full, quick = BENCHMARKS[name]
         out = os.path.join(out_dir, f"{name}.json")
@@ -100,7 +146,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         rc = subprocess.call(cmd, cwd=ROOT)
         if rc != 0 or not os.path.isfile(out):
-            sections.append(f"## {TITLES[name]}\n\nFAILED (exit {rc}); see the console output.\n")
+            sections[name] = f"## {TITLES[name]}\n\nFAILED (exit {rc}); see the console output.\n"
             continue
         with open(out) as f:
             payload = json.load(f)
@@ -110,16 +156,12 @@ def main(argv=None) -> int:
             k: v for k, v in payload.items() if k != "rows" and not isinstance(v, (dict, list))
         }
         note = ", ".join(f"{k}: {v}" for k, v in extra.items())
-        sections.append(
+        sections[name] = (
             f"## {TITLES[name]}\n\nMachine: {host}. Took {time.time() - t0:.0f} s."
             + (f" {note}." if note else "")
             + f"\n\n{rows_to_markdown(rows)}"
         )
-    text = (
-        "# SPADE benchmarks\n\nWritten by `make bench` (benchmarks/run_all.py); "
-        "every table names the "
-        "machine it ran on. Numbers on a shared machine are noisy.\n\n" + "\n".join(sections)
-    )
+    text = merge_sections(old, sections, args.results)
     from spade.utils.io import atomic_write_bytes
 
     atomic_write_bytes(args.results, text.encode())
