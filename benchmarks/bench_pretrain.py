@@ -25,6 +25,12 @@ differ from session to session.
     python benchmarks/bench_pretrain.py --out bench_pretrain.json
     python benchmarks/bench_pretrain.py --configs vae_tiny unet_tiny --iters 40
     python benchmarks/bench_pretrain.py --precision amp --configs unet_tiny_grounded2 --iters 40
+    python benchmarks/bench_pretrain.py --precision amp --compile off --configs unet_tiny
+
+``--compile`` sets ``PRETRAIN.COMPILE`` in every run (default: each config's own; the UNet configs
+compile where a C++ compiler is found). The compilation happens in a run's first step, so the
+median over the last 20 iterations leaves it out. For eager against compiled on the same batches,
+``benchmarks/profile_pretrain_step.py --ab-compile`` is the finer measure.
 """
 
 import argparse
@@ -113,8 +119,9 @@ def cache_fills(name: str, root: str = ROOT) -> dict:
     return fills
 
 
-def seconds_per_iteration(name: str, amp: bool, iters: int, threads: int, work: str) -> float:
-    out = os.path.join(work, f"{name}_{'amp' if amp else 'fp32'}")
+def pretrain_command(name: str, amp: bool, iters: int, out: str, compile_mode: str) -> list:
+    """The pretrain_net.py command line of one measured run (``compile_mode`` "config": the
+    config's own PRETRAIN.COMPILE)."""
     cmd = [
         sys.executable,
         os.path.join(ROOT, "projects", "SPADE", "pretrain_net.py"),
@@ -127,6 +134,16 @@ def seconds_per_iteration(name: str, amp: bool, iters: int, threads: int, work: 
         "OUTPUT_DIR", out,
         "PRETRAIN.EXPORT_DIR", os.path.join(out, "export"),
     ]  # fmt: skip
+    if compile_mode != "config":
+        cmd += ["PRETRAIN.COMPILE", compile_mode]
+    return cmd
+
+
+def seconds_per_iteration(
+    name: str, amp: bool, iters: int, threads: int, work: str, compile_mode: str = "config"
+) -> float:
+    out = os.path.join(work, f"{name}_{'amp' if amp else 'fp32'}")
+    cmd = pretrain_command(name, amp, iters, out, compile_mode)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     log = os.path.join(work, f"{os.path.basename(out)}.log")
     with open(log, "w") as f:
@@ -150,26 +167,38 @@ def main(argv=None) -> int:
         default="both",
         help="measure fp32, mixed precision (SOLVER.AMP.ENABLED True) or both",
     )
+    p.add_argument(
+        "--compile",
+        choices=("config", "off", "on", "auto"),
+        default="config",
+        help="PRETRAIN.COMPILE of every run (config: each config's own)",
+    )
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     cpu = cpu_description()
-    print(f"{device}; CPU {cpu}; torch {torch.__version__}; {a.iters} iterations per run")
+    print(
+        f"{device}; CPU {cpu}; torch {torch.__version__}; {a.iters} iterations per run; "
+        f"PRETRAIN.COMPILE {a.compile}"
+    )
     kinds = {"both": (False, True), "fp32": (False,), "amp": (True,)}[a.precision]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as work:
         for name in a.configs:
             threads, n = CONFIGS[name], max_iter(name)
-            r = {"config": name, "threads": threads, "max_iter": n}
+            compile_mode = a.compile
+            if compile_mode == "config":
+                compile_mode = str(pretrain_cfg(name).PRETRAIN.COMPILE)
+            r = {"config": name, "threads": threads, "max_iter": n, "compile": compile_mode}
             fills = cache_fills(name)
             for kind, fill in fills.items():
                 r[f"{kind}_cache_at_start"] = fill
             line = f"{name:22} {threads} thr {n:5d} it"
             for amp in kinds:
                 key = "amp" if amp else "fp32"
-                sec = seconds_per_iteration(name, amp, a.iters, threads, work)
+                sec = seconds_per_iteration(name, amp, a.iters, threads, work, a.compile)
                 r[f"{key}_s_per_it"] = round(sec, 3)
                 r[f"{key}_projected_min"] = round(sec * n / 60, 1)
                 line += f"  {key} {sec:6.3f} s/it ({r[f'{key}_projected_min']:6.1f} min)"

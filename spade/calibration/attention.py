@@ -114,24 +114,36 @@ class CrossAttentionRecorder(AttnProcessor):
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        # Same computation as AttnProcessor, with the probabilities kept; get_attention_scores
-        # is wrapped for this call only so the library's forward is reused unchanged.
-        original = attn.get_attention_scores
-        batch = hidden_states.shape[0]
-        store, name = self.store, self.name
+        # Same computation as AttnProcessor, with the probabilities kept: the library's forward
+        # runs unchanged on a view of ``attn`` whose get_attention_scores also records them (a
+        # view, not a patched module, so that torch.compile can trace it).
+        store, name, batch = self.store, self.name, hidden_states.shape[0]
+        return super().__call__(
+            _RecordingAttention(attn, lambda probs: store.record(name, probs, batch)),
+            hidden_states,
+            encoder_hidden_states,
+            attention_mask,
+            temb,
+            *args,
+            **kwargs,
+        )
 
-        def scores_and_record(query, key, mask=None):
-            probs = original(query, key, mask)
-            store.record(name, probs, batch)
-            return probs
 
-        attn.get_attention_scores = scores_and_record
-        try:
-            return super().__call__(
-                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
-            )
-        finally:
-            del attn.get_attention_scores  # back to the class method
+class _RecordingAttention:
+    """``attn`` as AttnProcessor sees it, with ``get_attention_scores`` also passing the
+    probabilities to ``record``; every other attribute is ``attn``'s own."""
+
+    def __init__(self, attn, record):
+        self._attn = attn
+        self._record = record
+
+    def __getattr__(self, name: str):
+        return getattr(self._attn, name)
+
+    def get_attention_scores(self, query, key, attention_mask=None):
+        probs = self._attn.get_attention_scores(query, key, attention_mask)
+        self._record(probs)
+        return probs
 
 
 def cross_attention_layer_names(unet) -> List[str]:

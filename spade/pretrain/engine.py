@@ -7,7 +7,9 @@ is AdamW over the trainable parameters, checkpoints are SPADE's safetensors ones
 With ``SOLVER.AMP.ENABLED`` on a CUDA model detectron2's AMPTrainer runs; on the CPU (where
 AMPTrainer refuses to run) the forward runs under bf16 autocast instead, as in SPADE's own stages
 (:class:`spade.engine.LossGuard`); on CPUs with AMX / AVX-512-BF16 that made the stage-0 runs
-1.3-2.5x faster, the CLIP region fine-tune 1.05x (``benchmarks/bench_pretrain.py``). Everything
+1.3-2.5x faster, the CLIP region fine-tune 1.05x (``benchmarks/bench_pretrain.py``). With
+``PRETRAIN.COMPILE`` the UNet is ``torch.compile``-d in place (:func:`compile_network`; the UNet
+configs ask for it where a C++ compiler is found). Everything
 else — LR schedule, ETA printing, metrics.json / TensorBoard, periodic checkpoints,
 ``--resume`` — is detectron2's.
 
@@ -22,7 +24,7 @@ import logging
 import time
 import warnings
 import weakref
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from detectron2.engine import DefaultTrainer, HookBase, SimpleTrainer
@@ -38,6 +40,7 @@ __all__ = [
     "WallClock",
     "WallBudget",
     "worker_batches",
+    "compile_network",
 ]
 
 logger = logging.getLogger(__name__)
@@ -168,6 +171,78 @@ def worker_batches(make, num_workers: int):
     return iter(loader)
 
 
+COMPILE_MODES = ("off", "on", "auto")
+
+
+def _cpp_compiler() -> str:
+    """The C++ compiler torch.compile's CPU backend would use, or "" when it finds none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return str(get_cpp_compiler())
+    except Exception:  # inductor raises its own error types when no compiler is found
+        return ""
+
+
+def _compile_smoke_test() -> str:
+    """ "" when torch.compile can build and run a CPU kernel here (compiler, Python headers),
+    else why not (the error, one line)."""
+    try:
+        out = torch.compile(lambda x: x * 2.0 + 1.0)(torch.ones(4))
+        if not torch.equal(out, torch.full((4,), 3.0)):
+            return f"a compiled kernel computed {out.tolist()} instead of 3.0s"
+        return ""
+    except Exception as e:  # any failure of the toolchain: fall back to eager
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def compile_network(model, mode: str, device: str) -> List[str]:
+    """``torch.compile`` the modules ``model`` names in its ``compile_modules`` attribute (the UNet
+    task: its UNet) in place, per ``PRETRAIN.COMPILE`` = ``mode``; returns the names compiled.
+
+    In place (``nn.Module.compile``): the state dict, checkpoints, exports and ``--resume`` see
+    the same modules and keys as without it. The CLIP and VAE tasks name none (their training
+    calls the networks' encode methods, which compiling ``forward`` would not reach): "auto"
+    leaves them as they are, "on" is an error.
+    """
+    mode = str(mode).lower()
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"PRETRAIN.COMPILE must be one of {COMPILE_MODES}, got {mode!r}")
+    names = tuple(getattr(model, "compile_modules", ()))
+    if mode == "off" or (mode == "auto" and not names):
+        return []
+    if not names:
+        raise ValueError(
+            f"PRETRAIN.COMPILE=on: {type(model).__name__} has nothing to compile (only the UNet "
+            "task supports it); set PRETRAIN.COMPILE off or auto"
+        )
+    if mode == "auto":
+        if str(device).startswith("cuda"):
+            logger.info("PRETRAIN.COMPILE=auto: not compiling on CUDA (not measured there)")
+            return []
+        compiler = _cpp_compiler()
+        failure = "" if not compiler else _compile_smoke_test()
+        if not compiler or failure:
+            logger.warning(
+                "PRETRAIN.COMPILE=auto: %s, so %s trains uncompiled (slower; a working g++ "
+                "and the Python headers let it compile)",
+                "torch.compile finds no C++ compiler"
+                if not compiler
+                else f"torch.compile fails on a test kernel ({failure})",
+                ", ".join(names),
+            )
+            return []
+    for name in names:
+        model.get_submodule(name).compile()
+    logger.info(
+        "PRETRAIN.COMPILE=%s: %s compiled in place (the first step compiles, 1-4 min; cached "
+        "after)",
+        mode,
+        ", ".join(names),
+    )
+    return list(names)
+
+
 class PretrainTrainer(DefaultTrainer):
     """DefaultTrainer for ``PRETRAIN.TASK`` (see module doc)."""
 
@@ -197,6 +272,7 @@ class PretrainTrainer(DefaultTrainer):
     def build_model(cls, cfg):
         model = get_task(cfg).build_model(cfg)
         model.to(torch.device(cfg.MODEL.DEVICE))
+        compile_network(model, cfg.PRETRAIN.COMPILE, cfg.MODEL.DEVICE)
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logger.info(
             "PRETRAIN.TASK=%s: %.2fM trainable parameters", cfg.PRETRAIN.TASK, n_train / 1e6

@@ -94,6 +94,10 @@ class UnetPretrainModel(nn.Module):
     each where its weight is > 0.
     """
 
+    # what PRETRAIN.COMPILE compiles (the trained network; the frozen text tower and the losses
+    # stay eager: the grounding losses' per-caption bookkeeping does not trace well)
+    compile_modules = ("unet",)
+
     def __init__(
         self,
         unet: UNet2DConditionModel,

@@ -23,3 +23,16 @@ def test_cache_fills_names_the_caches_each_config_reads(tmp_path):
     assert fills("unet_tiny") == {"latent": "75 %"}
     # a grounding run reads the segment cache too
     assert fills("unet_tiny_grounded3") == {"latent": "75 %", "segment": "12 %"}
+
+
+def test_the_command_sets_compile_only_when_asked_and_the_configs_say_what_they_do():
+    def opts(mode):
+        cmd = bench_pretrain.pretrain_command("unet_tiny", True, 40, "/tmp/x", mode)
+        return dict(zip(cmd[5::2], cmd[6::2]))  # the KEY VALUE pairs after --skip-gates
+
+    assert opts("config")["SOLVER.AMP.ENABLED"] == "True"
+    assert "PRETRAIN.COMPILE" not in opts("config")
+    assert opts("off")["PRETRAIN.COMPILE"] == "off" and opts("off")["SOLVER.MAX_ITER"] == "40"
+    # the UNet chain compiles where it can; CLIP and VAE have nothing to compile
+    assert bench_pretrain.pretrain_cfg("unet_tiny_grounded5").PRETRAIN.COMPILE == "auto"
+    assert bench_pretrain.pretrain_cfg("clip_tiny").PRETRAIN.COMPILE == "off"

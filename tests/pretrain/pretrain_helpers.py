@@ -25,6 +25,7 @@ TINY_OPTS = [
     "SOLVER.IMS_PER_BATCH", "4",
     "SOLVER.WARMUP_ITERS", "1",
     "SOLVER.CHECKPOINT_PERIOD", "1",
+    "PRETRAIN.COMPILE", "off",  # compiling costs a minute; test_compile.py tests it
 ]  # fmt: skip
 
 
