@@ -233,7 +233,9 @@ def compile_network(model, mode: str, device: str) -> List[str]:
             )
             return []
     for name in names:
-        model.get_submodule(name).compile()
+        # static shapes: a run's shapes never change, and a second model compiled in the same
+        # process (tests, --ab-compile) would otherwise turn them symbolic, where inductor can fail
+        model.get_submodule(name).compile(dynamic=False)
     logger.info(
         "PRETRAIN.COMPILE=%s: %s compiled in place (the first step compiles, 1-4 min; cached "
         "after)",
