@@ -73,10 +73,6 @@ def pretrain_cfg(name: str, opts=()):
     return cfg
 
 
-def max_iter(name: str) -> int:
-    return int(pretrain_cfg(name).SOLVER.MAX_ITER)
-
-
 def cpu_description() -> str:
     """The CPU's model name and its bf16 matrix units, from /proc/cpuinfo where there is one."""
     model, flags = platform.processor() or platform.machine(), set()
@@ -187,10 +183,9 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as work:
         for name in a.configs:
-            threads, n = CONFIGS[name], max_iter(name)
-            compile_mode = a.compile
-            if compile_mode == "config":
-                compile_mode = str(pretrain_cfg(name).PRETRAIN.COMPILE)
+            cfg = pretrain_cfg(name)
+            threads, n = CONFIGS[name], int(cfg.SOLVER.MAX_ITER)
+            compile_mode = str(cfg.PRETRAIN.COMPILE) if a.compile == "config" else a.compile
             r = {"config": name, "threads": threads, "max_iter": n, "compile": compile_mode}
             fills = cache_fills(name)
             for kind, fill in fills.items():

@@ -19,8 +19,9 @@ def add_pretrain_config(cfg: CN) -> None:
     p.NUM_WORKERS = 0  # processes making CLIP batches and building the corpus (0 = this one)
     p.MAX_WALL_SECONDS = 0.0  # end training after this many seconds of it (0 = at MAX_ITER)
     # torch.compile the trained network in place before training (the UNet task only): "off",
-    # "on", or "auto" = on the CPU where inductor finds its C++ compiler, else off (CUDA: not
-    # measured). Same model within bf16 rounding; the first step compiles (1-4 min, cached after)
+    # "on", or "auto" = on the CPU where inductor's C++ compiler builds a test kernel, else off
+    # (CUDA: not measured). Same model within bf16 rounding; the first step compiles (1-4 min,
+    # cached after)
     p.COMPILE = "off"
 
     # ------------------------------------------------------------ caption corpus ("web data")
