@@ -97,6 +97,9 @@ def add_pretrain_config(cfg: CN) -> None:
     # ^ share of captions drawn in the stage-1 teacher form "[subject] is [predicate] [object]"
     #   (the corpus's "bare" kind; its own mix has 20 %); 0 = the corpus's mix
     p.UNET.LATENT_CACHE = ""  # cache of the corpus's VAE latents ("" = OUTPUT_DIR/latents.npy)
+    p.UNET.FILL_LATENT_CACHE = True
+    # ^ encode the images the latent cache lacks in a pass of their own before training (batched,
+    #   with progress; the same latents); False encodes each batch's new images in its data step
     p.UNET.SEGMENT_CACHE = ""
     # ^ cache of the corpus's segment label maps, which the grounding losses read, rendered once
     #   per image instead of once per batch ("" = OUTPUT_DIR/segments.npy)

@@ -12,10 +12,13 @@ Each exported folder gets a manifest (spade.utils.manifest).
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import time
 
 import numpy as np
 import torch
+from detectron2.utils import comm
 
 from spade.utils.manifest import verify_model_folder, write_manifest
 
@@ -215,13 +218,25 @@ class UnetTask:
         vae.to(torch.device(cfg.MODEL.DEVICE))  # latents are cached on first use, on the device
         corpus = corpus_of(cfg)
         path = str(cfg.PRETRAIN.UNET.LATENT_CACHE) or os.path.join(cfg.OUTPUT_DIR, "latents.npy")
-        cache = LatentCache(path, vae, vae.config.scaling_factor, corpus)
+        cache = _main_process_first(
+            lambda: LatentCache(path, vae, vae.config.scaling_factor, corpus)
+        )
+        if cfg.PRETRAIN.UNET.FILL_LATENT_CACHE:
+            n = int(cfg.PRETRAIN.UNET.NUM_IMAGES) or len(corpus)
+            start = time.perf_counter()
+            done = cache.fill(corpus, range(comm.get_rank(), n, comm.get_world_size()))
+            comm.synchronize()
+            if done:
+                logging.getLogger(__name__).info(
+                    f"Latent cache {path}: encoded {done} corpus images in "
+                    f"{(time.perf_counter() - start) / 60:.1f} min before training"
+                )
         segments = None
         if _grounded(cfg):
             seg_path = str(cfg.PRETRAIN.UNET.SEGMENT_CACHE) or os.path.join(
                 cfg.OUTPUT_DIR, "segments.npy"
             )
-            segments = SegmentCache(seg_path, corpus)
+            segments = _main_process_first(lambda: SegmentCache(seg_path, corpus))
         return unet_batches(
             corpus,
             cache,
@@ -248,6 +263,14 @@ class UnetTask:
         write_model_index(root)
         write_manifest(folder, ["config.json", "diffusion_pytorch_model.safetensors"], info)
         return folder
+
+
+def _main_process_first(make):
+    """``make()`` on the main process, then on the others: the first to open a cache creates its
+    files, so no process truncates files another has already mapped."""
+    made = make() if comm.is_main_process() else None
+    comm.synchronize()
+    return made if made is not None else make()
 
 
 def _copy_vae_if_missing(vae_root: str, root: str) -> None:

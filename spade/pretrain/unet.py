@@ -20,7 +20,7 @@ import json
 import os
 from contextlib import nullcontext
 from dataclasses import asdict
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -221,15 +221,47 @@ class LatentCache:
         )
 
     @torch.no_grad()
+    def _encode(self, corpus: Corpus, todo: List[int]) -> None:
+        x = to_vae_input(np.stack([corpus.image(i) for i in todo]))
+        p = next(self.vae.parameters())
+        lat = self.vae.encode(x.to(p)).latent_dist.mean * self.scale
+        self.latents[todo] = lat.float().cpu().numpy().astype(np.float16)
+        self.done[todo] = 1  # after the latents: a stopped run never marks an unwritten one
+
     def get(self, corpus: Corpus, indices: List[int]) -> torch.Tensor:
-        todo = [i for i in indices if not self.done[i]]
+        """The scaled latents of ``indices`` [B, C, h, w] float32, encoding the missing ones."""
+        todo = [i for i in dict.fromkeys(int(i) for i in indices) if not self.done[i]]
         if todo:
-            x = to_vae_input(np.stack([corpus.image(i) for i in todo]))
-            p = next(self.vae.parameters())
-            lat = self.vae.encode(x.to(p)).latent_dist.mean * self.scale
-            self.latents[todo] = lat.float().cpu().numpy().astype(np.float16)
-            self.done[todo] = 1
+            self._encode(corpus, todo)
         return torch.from_numpy(np.stack([self.latents[i] for i in indices]).astype(np.float32))
+
+    def fill(self, corpus: Corpus, indices: Iterable[int], batch_size: int = 64) -> int:
+        """Encode every image of ``indices`` that the cache lacks, ``batch_size`` at a time, with
+        a progress bar (on the main process); returns how many were encoded.
+
+        The pass of its own that ``PRETRAIN.UNET.FILL_LATENT_CACHE`` runs before training: the
+        latents are those :meth:`get` would compute (one VAE, fp32, posterior mean), so training
+        then reads only the cache. Stopped midway, it continues where it stopped next time.
+        """
+        from tqdm import tqdm
+
+        if batch_size < 1:
+            raise ValueError(f"latent cache fill: batch size must be >= 1, got {batch_size}")
+        todo = [i for i in dict.fromkeys(int(i) for i in indices) if not self.done[i]]
+        bar = tqdm(
+            total=len(todo),
+            desc=f"VAE latents of the corpus ({self.latents.filename})",
+            unit="img",
+            disable=not todo or not comm.is_main_process(),
+        )
+        with bar:
+            for k in range(0, len(todo), batch_size):
+                chunk = todo[k : k + batch_size]
+                self._encode(corpus, chunk)
+                bar.update(len(chunk))
+        self.latents.flush()
+        self.done.flush()
+        return len(todo)
 
 
 class SegmentCache:

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
@@ -209,6 +210,25 @@ def test_unet_takes_the_latent_channels_of_its_vae(trained, tmp_path):
     states = encode_text_tokens(build_clip(cfg), ["a red circle"])
     out = diffusion.unet(latent, torch.tensor([10]), encoder_hidden_states=states).sample
     assert out.shape == latent.shape
+
+
+def test_unet_run_fills_its_latent_cache_before_training(trained, tmp_path):
+    """PRETRAIN.UNET.FILL_LATENT_CACHE: a pass of its own encodes the first NUM_IMAGES corpus images
+    before the first step; off, only the images of the steps run (one step of 4) are encoded."""
+    for fill, num_images, want in (("True", 0, 24), ("True", 10, 10), ("False", 0, 4)):
+        out = tmp_path / f"out_{fill}_{num_images}"
+        extra = [
+            "PRETRAIN.UNET.FILL_LATENT_CACHE",
+            fill,
+            "PRETRAIN.UNET.NUM_IMAGES",
+            str(num_images),
+        ]
+        extra += ["OUTPUT_DIR", str(out), "PRETRAIN.EXPORT_DIR", str(tmp_path / f"sd_{fill}")]
+        run_pretraining(*tiny_cfg(CFG["unet"], trained, "unet", max_iter=1, extra=extra))
+        done = np.load(out / "latents.npy.done")
+        assert done.shape == (24,) and int(done.sum()) == want, (fill, num_images)
+        if num_images:
+            assert done[:num_images].all()
 
 
 def test_resume_continues_from_the_last_checkpoint(trained):

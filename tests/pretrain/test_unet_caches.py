@@ -174,3 +174,32 @@ def test_latent_cache_encodes_once_and_knows_what_it_was_made_from(tmp_path, cor
     np.save(path, np.zeros((12, 4, 16, 16), np.float16))
     with pytest.raises(ValueError, match=r"latents\.npy \(PRETRAIN\.UNET\.LATENT_CACHE\) holds"):
         LatentCache(path, vae, 0.5, corpus)
+
+
+def test_latent_cache_fill_encodes_what_is_missing_once(tmp_path, corpora, monkeypatch):
+    corpus = corpora[0]
+    vae = _tiny_vae(0)
+    path = str(tmp_path / "latents.npy")
+    cache = LatentCache(path, vae, 0.5, corpus)
+    cache.get(corpus, [3])
+    calls = []
+    encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x: calls.append(len(x)) or encode(x))
+    # images 0-9 with 3 already cached, 5 at a time: 9 encoded in batches of 5 and 4
+    assert cache.fill(corpus, range(10), batch_size=5) == 9
+    assert calls == [5, 4]
+    assert list(np.flatnonzero(cache.done)) == list(range(10))
+    with torch.no_grad():
+        want = (
+            0.5
+            * encode(to_vae_input(np.stack([corpus.image(i) for i in range(10)]))).latent_dist.mean
+        )
+    torch.testing.assert_close(cache.get(corpus, list(range(10))), want, atol=2e-3, rtol=2e-3)
+    assert calls == [5, 4]  # get read them back
+    # filled again, or with repeated indices: nothing more to encode
+    assert cache.fill(corpus, [0, 0, 9, 9]) == 0 and calls == [5, 4]
+    # and a new process sees the filled cache
+    del cache
+    assert LatentCache(path, vae, 0.5, corpus).done[:10].all()
+    with pytest.raises(ValueError, match="batch size must be >= 1"):
+        LatentCache(path, vae, 0.5, corpus).fill(corpus, range(12), batch_size=0)
