@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_tiny_unet
+from calibration_helpers import make_tiny_unet
 from open_clip.tokenizer import SimpleTokenizer
 
 from spade.calibration.attention import (

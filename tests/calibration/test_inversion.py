@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_scheduler, make_tiny_unet
+from calibration_helpers import make_scheduler, make_tiny_unet
 from diffusers import DDIMScheduler
 
 from spade.calibration import inversion as inv

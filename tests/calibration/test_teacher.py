@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_calibration_cfg, write_image
+from calibration_helpers import tiny_calibration_cfg, write_image
 
 from spade.calibration.builder import build_teacher_cache
 from spade.calibration.model import CalibrationModel, calibration_loss
