@@ -6,8 +6,9 @@ gives the latents (posterior mean times its scaling factor); the target is the n
 prediction) at a uniform timestep of SD's scaled-linear schedule (beta 0.00085 -> 0.012, 1000
 steps); ``CAPTION_DROPOUT`` of the captions are empty, for classifier-free guidance.
 
-Latents of the corpus are cached in a memory-mapped file as they are first computed
-(:class:`LatentCache`), so the VAE encoder runs once per image across epochs and resumes.
+Latents of the corpus are cached in a memory-mapped file (:class:`LatentCache`), computed in a
+pass of their own before training (``PRETRAIN.UNET.FILL_LATENT_CACHE``) or as batches first need
+them, so the VAE encoder runs once per image across epochs, runs and resumes.
 
 One concession to the CPU, documented in the config: the finest level keeps its cross-attention
 but replaces the self-attention by a second cross-attention (diffusers' ``only_cross_attention``
@@ -186,7 +187,8 @@ def open_cache(path: str, key: str, arrays: Dict[str, tuple], config_key: str) -
 
 
 class LatentCache:
-    """Scaled VAE posterior means of every corpus image, computed on first use (memory-mapped).
+    """Scaled VAE posterior means of every corpus image (memory-mapped), computed by :meth:`fill`
+    before training or by :meth:`get` on first use.
 
     Files: ``<path>`` float16 [N, C, h, w], ``<path>.done`` uint8 [N] and ``<path>.meta`` (what
     the latents were made from: the corpus, the VAE's weights and scaling factor). A cache made
