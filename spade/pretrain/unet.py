@@ -230,9 +230,13 @@ class LatentCache:
         self.latents[todo] = lat.float().cpu().numpy().astype(np.float16)
         self.done[todo] = 1  # after the latents: a stopped run never marks an unwritten one
 
+    def _missing(self, indices: Iterable[int]) -> List[int]:
+        """The images of ``indices`` not yet cached, each once, in order."""
+        return [i for i in dict.fromkeys(int(i) for i in indices) if not self.done[i]]
+
     def get(self, corpus: Corpus, indices: List[int]) -> torch.Tensor:
         """The scaled latents of ``indices`` [B, C, h, w] float32, encoding the missing ones."""
-        todo = [i for i in dict.fromkeys(int(i) for i in indices) if not self.done[i]]
+        todo = self._missing(indices)
         if todo:
             self._encode(corpus, todo)
         return torch.from_numpy(np.stack([self.latents[i] for i in indices]).astype(np.float32))
@@ -249,7 +253,7 @@ class LatentCache:
 
         if batch_size < 1:
             raise ValueError(f"latent cache fill: batch size must be >= 1, got {batch_size}")
-        todo = [i for i in dict.fromkeys(int(i) for i in indices) if not self.done[i]]
+        todo = self._missing(indices)
         bar = tqdm(
             total=len(todo),
             desc=f"VAE latents of the corpus ({self.latents.filename})",
