@@ -22,7 +22,7 @@ from spade.utils.manifest import read_manifest, write_manifest
 
 from .config import add_pretrain_config
 from .engine import PretrainTrainer, get_task
-from .tasks import training_info
+from .tasks import chain_training_runs, training_info
 
 __all__ = ["setup_pretrain_cfg", "run_pretraining", "measure_and_record_gates"]
 
@@ -74,7 +74,14 @@ def run_pretraining(cfg: CfgNode, args) -> dict:
     trainer.train()
     if not comm.is_main_process():
         return {}
-    folder = task.export(cfg, trainer.unwrapped_model(), training_info(cfg, trainer))
+    # a continuation (MODEL.WEIGHTS from the run whose export it replaces) lists the whole chain
+    try:
+        previous = read_manifest(_exported_folder(cfg))
+    except ValueError as e:  # the old export is replaced anyway; this run's record must not be lost
+        logger.warning("%s; the new manifest lists this run only", e)
+        previous = None
+    info = chain_training_runs(training_info(cfg, trainer), previous, str(cfg.MODEL.WEIGHTS))
+    folder = task.export(cfg, trainer.unwrapped_model(), info)
     logger.info("exported %s to %s", cfg.PRETRAIN.TASK, folder)
     if not getattr(args, "skip_gates", False):
         return measure_and_record_gates(cfg, folder)

@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+import yaml
 from detectron2.utils import comm
 
 from spade.utils.manifest import verify_model_folder, write_manifest
@@ -41,7 +42,7 @@ from .corpus import (
 from .engine import register_task, worker_batches
 from .vae import VaePretrainModel, measure_latent_scale, to_vae_input, vae_batches, vae_config
 
-__all__ = ["corpus_of", "training_info"]
+__all__ = ["corpus_of", "training_info", "chain_training_runs"]
 
 
 def corpus_of(cfg) -> Corpus:
@@ -75,6 +76,57 @@ def training_info(cfg, trainer) -> dict:
         "precision": _precision(cfg),
         "code_commit": trainer.code_commit,
     }
+
+
+def _run_record(info: dict) -> dict:
+    """One run of a chain, as ``training_runs`` lists it: where it wrote, what it started from,
+    how long and on what it trained."""
+    cfg = _config_of(info)
+    record = {
+        "output_dir": str(cfg.get("OUTPUT_DIR", "")),
+        "weights_from": str(cfg.get("MODEL", {}).get("WEIGHTS", "")),
+    }
+    for key in ("iterations", "batch_size", "wall_time_s", "device", "precision", "code_commit"):
+        if key in info:
+            record[key] = info[key]
+    return record
+
+
+def _config_of(info: dict) -> dict:
+    text = info.get("config")
+    if not isinstance(text, str):
+        return {}
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def chain_training_runs(info: dict, previous, weights: str) -> dict:
+    """``info`` with the whole chain of runs that made the model, when this run continued the one
+    whose export it replaces.
+
+    ``previous`` is the manifest in the export folder before this run exports over it (None if
+    there is none). The run continued it when ``weights`` (``MODEL.WEIGHTS``) lies in the
+    ``OUTPUT_DIR`` that manifest's config names: then ``training_runs`` lists the earlier runs
+    (the previous manifest's own list, or the previous run itself) and this one, and
+    ``samples_seen`` and ``chain_wall_time_s`` sum them. Otherwise ``info`` is returned as it is:
+    a run from scratch, or from weights of another origin, is a chain of one.
+    """
+    if not previous or not weights:
+        return info
+    before = str(_config_of(previous).get("OUTPUT_DIR", ""))
+    started = os.path.abspath(os.path.dirname(weights))
+    if not before or started != os.path.abspath(before):
+        return info
+    runs = list(previous.get("training_runs") or [_run_record(previous)])
+    runs.append(_run_record(info))
+    info = dict(info, training_runs=runs)
+    samples = (int(r.get("iterations", 0)) * int(r.get("batch_size", 0)) for r in runs)
+    info["samples_seen"] = sum(samples)
+    info["chain_wall_time_s"] = round(sum(float(r.get("wall_time_s", 0.0)) for r in runs), 1)
+    return info
 
 
 def _precision(cfg) -> str:

@@ -231,6 +231,62 @@ def test_unet_run_fills_its_latent_cache_before_training(trained, tmp_path):
             assert done[:num_images].all()
 
 
+def test_a_continuation_manifest_lists_the_whole_chain(trained, tmp_path, caplog):
+    """A run that starts from the weights of the run whose export it replaces (the `make pretrain`
+    chain) lists every run in its manifest, with the samples seen summed; a run from scratch into
+    the same folder is a chain of one; an unreadable old manifest is a warning, not a lost
+    export."""
+    sd = tmp_path / "sd_chain"
+    runs = {"a": ("", 1), "b": (str(tmp_path / "a" / "model_final.safetensors"), 2)}
+    for name, (weights, iters) in runs.items():
+        extra = ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / name)]
+        extra += ["PRETRAIN.EXPORT_DIR", str(sd)]
+        run_pretraining(*tiny_cfg(CFG["unet"], trained, "unet", max_iter=iters, extra=extra))
+    manifest = read_manifest(str(sd / "unet"))
+    chain = manifest["training_runs"]
+    assert [r["output_dir"] for r in chain] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert [r["weights_from"] for r in chain] == ["", runs["b"][0]]
+    assert [r["iterations"] for r in chain] == [1, 2] and manifest["iterations"] == 2
+    assert manifest["samples_seen"] == (1 + 2) * 4  # SOLVER.IMS_PER_BATCH 4 in both
+    walls = [r["wall_time_s"] for r in chain]
+    assert manifest["chain_wall_time_s"] == pytest.approx(sum(walls), abs=0.1)
+    assert chain[1]["wall_time_s"] == manifest["wall_time_s"] and all(w > 0 for w in walls)
+
+    (sd / "unet" / "spade_manifest.json").write_text("{not json")
+    extra = ["OUTPUT_DIR", str(tmp_path / "c"), "PRETRAIN.EXPORT_DIR", str(sd)]
+    extra += ["MODEL.WEIGHTS", str(tmp_path / "b" / "model_final.safetensors")]
+    with caplog.at_level("WARNING", logger="spade.pretrain.run"):
+        run_pretraining(*tiny_cfg(CFG["unet"], trained, "unet", max_iter=1, extra=extra))
+    assert "not a readable JSON manifest" in caplog.text
+    manifest = read_manifest(str(sd / "unet"))
+    assert manifest["iterations"] == 1 and "training_runs" not in manifest
+
+
+def test_chain_training_runs_by_hand():
+    """The previous export's run is continued only when MODEL.WEIGHTS lies in its OUTPUT_DIR; a
+    manifest that already lists a chain is extended."""
+    from spade.pretrain.tasks import chain_training_runs
+
+    def info(out, weights, iters, wall):
+        config = f"MODEL:\n  WEIGHTS: {weights}\nOUTPUT_DIR: {out}\n"
+        return {"config": config, "iterations": iters, "batch_size": 32, "wall_time_s": wall}
+
+    one = info("runs/one", "", 3000, 100.0)
+    two = info("runs/two", "runs/one/model_final.safetensors", 1000, 50.0)
+    chained = chain_training_runs(two, dict(one, files={}), "runs/one/model_final.safetensors")
+    assert [r["output_dir"] for r in chained["training_runs"]] == ["runs/one", "runs/two"]
+    assert chained["samples_seen"] == 4000 * 32 and chained["chain_wall_time_s"] == 150.0
+    three = info("runs/three", "runs/two/model_0000499.safetensors", 800, 25.5)
+    again = chain_training_runs(three, chained, "runs/two/model_0000499.safetensors")
+    assert [r["iterations"] for r in again["training_runs"]] == [3000, 1000, 800]
+    assert again["samples_seen"] == 4800 * 32 and again["chain_wall_time_s"] == 175.5
+    # not a continuation of that export: from scratch, from elsewhere, or no export before
+    for weights in ("", "elsewhere/model_final.safetensors", "runs/one_b/model_final.safetensors"):
+        assert chain_training_runs(two, one, weights) is two
+    assert chain_training_runs(two, None, "runs/one/model_final.safetensors") is two
+    assert chain_training_runs(two, {"config": ": : :"}, "x/model_final.safetensors") is two
+
+
 def test_resume_continues_from_the_last_checkpoint(trained):
     cfg, args = tiny_cfg(CFG["vae"], trained, "vae", max_iter=3, resume=True)
     run_pretraining(cfg, args)
