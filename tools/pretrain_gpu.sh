@@ -81,11 +81,10 @@ continue_unet() {  # continue_unet NAME FROM SECONDS: configs/pretrain/unet_tiny
 
 stamp "UNet"
 run unet "$MODELS/synthpsg-tiny-sd"; rc_unet=$?
-# the token grounding continuations of the UNet just trained (the second: 4x the weight, half the LR;
-# the third: half of its captions in the stage-1 teacher form; the fourth: the pixel loss too; the
-# fifth: the pixel loss at 10x, over noun phrases)
-for step in "grounded unet 120.0" "grounded2 unet_grounded 40.0" "grounded3 unet_grounded2 40.0" \
-  "grounded4 unet_grounded3 40.0" "grounded5 unet_grounded4 40.0"; do
+# the token grounding continuations of the UNet just trained, the condensed chain as `make
+# pretrain` runs it on the CPU (the token loss; then 4x its weight at half the LR, half of the
+# captions in the stage-1 teacher form and the pixel loss at 10x over noun phrases, all at once)
+for step in "grounded_condensed unet 120.0" "grounded_condensed2 unet_grounded_condensed 160.0"; do
   [ $rc_unet -eq 0 ] || break
   set -- $step  # NAME FROM SECONDS
   stamp "UNet token grounding (unet_tiny_$1.yaml)"; continue_unet "$@"; rc_unet=$?

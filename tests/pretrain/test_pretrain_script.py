@@ -51,15 +51,17 @@ def test_gpu_script_runs_every_stage_on_a_miniature(tmp_path):
     assert vae["iterations"] == 2 and "TRAIN_ENCODER: false" in vae["config"]  # the fine-tune
     assert (runs / "vae_decoder" / "model_final.safetensors").is_file()
     unet = read_manifest(str(models / "synthpsg-tiny-sd" / "unet"))
-    # the UNet folder holds the fifth token grounding continuation (the pixel loss at 10x over
-    # noun phrases, from the fourth continuation's last checkpoint, itself from the third's, ...,
-    # itself from the run's)
+    # the UNet folder holds the condensed chain's last run (the pixel loss at 10x over noun
+    # phrases, from the first grounding run's last checkpoint, itself from the UNet run's), and
+    # its manifest lists the three runs
     assert unet["iterations"] == 2 and "GROUNDING_PIXEL_WEIGHT: 0.5" in unet["config"]
     assert "GROUNDING_PIXEL_PHRASE: true" in unet["config"]
     assert "TEACHER_FORM_SHARE: 0.5" in unet["config"]
-    assert "WEIGHTS: " + str(runs / "unet_grounded4" / "model_final.safetensors") in unet["config"]
-    chain = ("unet", "unet_grounded", "unet_grounded2", "unet_grounded3", "unet_grounded4")
-    chain += ("unet_grounded5",)
+    before = runs / "unet_grounded_condensed" / "model_final.safetensors"
+    assert "WEIGHTS: " + str(before) in unet["config"]
+    chain = ("unet", "unet_grounded_condensed", "unet_grounded_condensed2")
+    assert [r["output_dir"] for r in unet["training_runs"]] == [str(runs / r) for r in chain]
+    assert unet["samples_seen"] == 3 * 2 * 4  # 2 iterations x the miniature's batch of 4
     for run in chain:
         assert (runs / run / "model_final.safetensors").is_file(), run
         assert not (runs / run / "latents.npy").exists(), run  # the chain shares one cache

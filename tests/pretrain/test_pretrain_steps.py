@@ -72,18 +72,32 @@ def test_every_config_merges():
         assert _pretrain_cfg(name).PRETRAIN.TASK in ("clip", "vae", "unet"), name
 
 
+UNET_CHAINS = {  # PRETRAIN_UNET_RUNS: the shipped UNet's chain (default), the one before it
+    "condensed": ["unet_tiny_grounded_condensed", "unet_tiny_grounded_condensed2"],
+    "five": ["unet_tiny_grounded", "unet_tiny_grounded2", "unet_tiny_grounded3",
+             "unet_tiny_grounded4", "unet_tiny_grounded5"],
+}  # fmt: skip
+
+
+def _make_pretrain_runs(*make_args):
+    """`make -n pretrain` (prints the recipe without running it): {config name: its command}."""
+    import subprocess
+
+    out = subprocess.run(
+        ["make", "-n", "pretrain", *make_args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    parts = out.split("--config-file configs/pretrain/")[1:]
+    return {part.split()[0]: part.split("&&")[0] for part in parts}
+
+
 def test_continuation_configs_start_from_the_run_they_continue():
     """`make pretrain` chains these runs: each continuation loads the last checkpoint of the run
     before it, and writes its own folder (a resumed chain never mixes two runs' checkpoints)."""
-    chain = {
-        "clip_tiny_region.yaml": "clip_tiny.yaml",
-        "vae_tiny_decoder.yaml": "vae_tiny.yaml",
-        "unet_tiny_grounded.yaml": "unet_tiny.yaml",
-        "unet_tiny_grounded2.yaml": "unet_tiny_grounded.yaml",
-        "unet_tiny_grounded3.yaml": "unet_tiny_grounded2.yaml",
-        "unet_tiny_grounded4.yaml": "unet_tiny_grounded3.yaml",
-        "unet_tiny_grounded5.yaml": "unet_tiny_grounded4.yaml",
-    }
+    chain = {"clip_tiny_region.yaml": "clip_tiny.yaml", "vae_tiny_decoder.yaml": "vae_tiny.yaml"}
+    for runs in UNET_CHAINS.values():
+        names = [f"{n}.yaml" for n in ["unet_tiny"] + runs]
+        chain.update(zip(names[1:], names[:-1]))
     outputs = set()
     for name, before in chain.items():
         cfg, prev = _pretrain_cfg(name), _pretrain_cfg(before)
@@ -95,39 +109,36 @@ def test_continuation_configs_start_from_the_run_they_continue():
             assert cfg.PRETRAIN.UNET.SEGMENT_CACHE == "output/pretrain/unet_segments.npy", name
         outputs.add(cfg.OUTPUT_DIR)
     makefile = open(os.path.join(ROOT, "Makefile")).read()
-    positions = [makefile.index(f"configs/pretrain/{n}") for n in ("unet_tiny.yaml",
-                 "unet_tiny_grounded.yaml", "unet_tiny_grounded2.yaml",
-                 "unet_tiny_grounded3.yaml", "unet_tiny_grounded4.yaml",
-                 "unet_tiny_grounded5.yaml")]  # fmt: skip
-    assert positions == sorted(positions)  # `make pretrain` runs them in this order
-    # gates only on each model's final export: the runs a later run continues skip theirs
-    recipe = makefile[makefile.index("\npretrain:") :].split("\n\n")[0]
-    runs = {part.split()[0]: part for part in recipe.split("--config-file configs/pretrain/")[1:]}
-    for name, before in chain.items():
-        assert "$(PRETRAIN_MID)" in runs[before], before
-    for last in ("clip_tiny_region.yaml", "vae_tiny_decoder.yaml", "unet_tiny_grounded5.yaml"):
-        assert "$(PRETRAIN_MID)" not in runs[last] and "$(PRETRAIN_ARGS)" in runs[last], last
     assert "PRETRAIN_MID := $(if $(filter all,$(PRETRAIN_GATES)),,--skip-gates)" in makefile
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.parametrize("chain", sorted(UNET_CHAINS))
+def test_make_pretrain_runs_the_unet_chain_in_order(chain):
+    """The shipped UNet's condensed chain by default, the five runs of the one before with
+    PRETRAIN_UNET_RUNS; gates only on each model's final export (the runs a later run continues
+    skip theirs)."""
+    opts = [] if chain == "condensed" else ["PRETRAIN_UNET_RUNS=" + " ".join(UNET_CHAINS[chain])]
+    runs = _make_pretrain_runs(*opts)
+    unet = [n for n in runs if n.startswith("unet_tiny")]
+    assert unet == [f"{n}.yaml" for n in ["unet_tiny"] + UNET_CHAINS[chain]]
+    assert list(runs)[:4] == ["clip_tiny.yaml", "clip_tiny_region.yaml", "vae_tiny.yaml",
+                              "vae_tiny_decoder.yaml"]  # fmt: skip
+    last = {"clip_tiny_region.yaml", "vae_tiny_decoder.yaml", unet[-1]}
+    for name, command in runs.items():
+        assert ("--skip-gates" in command) == (name not in last), name
+        assert "--resume" in command and "SOLVER.AMP.ENABLED True" in command, name
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
 def test_make_pretrain_passes_unet_opts_to_the_first_unet_run_only():
     """`make pretrain PRETRAIN_UNET_OPTS=...` (the shorter chain of MODEL_ZOO.md) changes the
-    UNet's first run and no other; `make -n` prints the recipe without running it."""
-    import subprocess
-
-    out = subprocess.run(
-        ["make", "-n", "pretrain", "PRETRAIN_UNET_OPTS=SOLVER.MAX_ITER 1500"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
-    runs = {
-        part.split()[0]: part.split("&&")[0]
-        for part in out.split("--config-file configs/pretrain/")[1:]
-    }
+    UNet's first run and no other."""
+    runs = _make_pretrain_runs("PRETRAIN_UNET_OPTS=SOLVER.MAX_ITER 1500")
     assert "SOLVER.MAX_ITER 1500" in runs["unet_tiny.yaml"]
     assert "--skip-gates" in runs["unet_tiny.yaml"]
     others = [n for n in runs if n != "unet_tiny.yaml"]
-    assert len(others) == 9 and not any("MAX_ITER" in runs[n] for n in others), others
+    assert len(others) == 6 and not any("MAX_ITER" in runs[n] for n in others), others
 
 
 def test_exports_have_the_real_formats_and_manifests(trained):
