@@ -57,9 +57,13 @@ CONFIGS = {
     "unet_tiny_grounded3": 2,
     "unet_tiny_grounded4": 2,
     "unet_tiny_grounded5": 2,
-    "unet_tiny_grounded_condensed": 2,  # the condensed chain (PRETRAIN_UNET_RUNS, MODEL_ZOO.md)
+    "unet_tiny_grounded_condensed": 2,
     "unet_tiny_grounded_condensed2": 2,
 }
+
+# the runs of the CPU `make pretrain`, in its order (Makefile; PRETRAIN_UNET_RUNS' default chain)
+CPU_CHAIN = ["clip_tiny", "clip_tiny_region", "vae_tiny", "vae_tiny_decoder", "unet_tiny"]
+CPU_CHAIN += ["unet_tiny_grounded_condensed", "unet_tiny_grounded_condensed2"]
 
 
 def pretrain_cfg(name: str, opts=()):
@@ -157,8 +161,7 @@ def seconds_per_iteration(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    shipped = [n for n in CONFIGS if "condensed" not in n]  # the runs of the shipped models
-    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=shipped)
+    p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=CPU_CHAIN)
     p.add_argument("--iters", type=int, default=40, help="iterations per run (>= 21)")
     p.add_argument(
         "--precision",

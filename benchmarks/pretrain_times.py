@@ -29,21 +29,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from bench_pretrain import pretrain_cfg  # noqa: E402
-
-# the CPU `make pretrain` runs, in its order (Makefile)
-CPU_CHAIN = [
-    "clip_tiny",
-    "clip_tiny_region",
-    "vae_tiny",
-    "vae_tiny_decoder",
-    "unet_tiny",
-    "unet_tiny_grounded",
-    "unet_tiny_grounded2",
-    "unet_tiny_grounded3",
-    "unet_tiny_grounded4",
-    "unet_tiny_grounded5",
-]
+from bench_pretrain import CPU_CHAIN, pretrain_cfg  # noqa: E402
 
 _STAMP = re.compile(r"^\[(\d\d)/(\d\d) (\d\d):(\d\d):(\d\d)")
 _START = "Rank of current process"  # default_setup's first line: a new process

@@ -36,3 +36,27 @@ def test_the_command_sets_compile_only_when_asked_and_the_configs_say_what_they_
     # the UNet chain compiles where it can; CLIP and VAE have nothing to compile
     assert bench_pretrain.pretrain_cfg("unet_tiny_grounded5").PRETRAIN.COMPILE == "auto"
     assert bench_pretrain.pretrain_cfg("clip_tiny").PRETRAIN.COMPILE == "off"
+
+
+def test_cpu_chain_is_what_make_pretrain_runs():
+    """The benchmarks' default configs (bench_pretrain and pretrain_times) are the runs of the CPU
+    `make pretrain`, in its order (`make -n` prints its recipe without running it)."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("make") is None:
+        pytest.skip("needs GNU make")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        ["make", "-n", "pretrain"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    runs = [part.split(".yaml")[0] for part in out.split("--config-file configs/pretrain/")[1:]]
+    assert runs == bench_pretrain.CPU_CHAIN
+    assert set(runs) <= set(bench_pretrain.CONFIGS)
